@@ -1,0 +1,812 @@
+"""SDPG: Self-Distilled Policy Gradient, in one readable file.
+
+Paper: Liu, Zhang, Zhang, Gu, "Self-Distilled Policy Gradient", arXiv 2606.04036 (2026).
+Equation numbers in the comments are the paper's.
+
+SDPG trains a language model with a verifier (a checker that says whether an answer is right),
+like GRPO, and adds a dense per-token teacher that costs no second model:
+
+  1. Sample G answers per question from the model (the "student" view: question only).
+  2. Score each answer with the verifier; compare it with the other answers to the same question
+     (group-relative, std-normalised advantage A, Eq. 2.1).
+  3. Show the SAME model the question plus privileged context (the reference answer and a worked
+     solution) and read its next-token distribution q_t at every position of the sampled answer
+     (the "teacher" view). Pull the student distribution p_t towards q_t with the exact reverse
+     KL(p_t || q_t) summed over the whole vocabulary (Eq. 3.2), but only on answers with A > 0
+     (the positive-advantage gate, Eq. 3.5).
+  4. Keep the policy near the frozen initial model with a per-token KL anchor (Section 3.4).
+
+  L_SDPG = L_out + beta(k) * L_OPD+ + alpha * L_K                                       (Eq. 3.1)
+
+Choices made here, each on purpose:
+  * The distillation KL is exact: every logit column, not only the sampled token. It is computed
+    from the final hidden states in chunks of tokens, with the chunk's logits recomputed in the
+    backward pass, so float32 (tokens, V) logits never exist for more than one chunk at a time.
+  * Advantages use the unbiased (Bessel) std of the group, as the authors' code does (torch.std).
+  * Every sum over tokens is divided by the total response tokens of the group (all G answers,
+    gated or not), then averaged over the prompts of the batch.
+  * beta warms up and decays linearly (Section 3.5.2); the reference KL has four modes (urkl,
+    the authors' default; ufkl, best in their tables; fkl; rkl: Appendix A.2).
+  * One optimiser step per batch of rollouts by default, which is exactly on-policy; with
+    --updates-per-batch > 1 the importance ratio and DAPO's dual clip come in (Appendix A.3).
+
+Run it:
+  python sdpg.py --model tiny --dataset toy     # offline demo on a laptop CPU, about a minute
+  python sdpg.py --model Qwen2.5-0.5B           # GSM8K on one GPU
+  python sdpg.py --help                         # every setting, with the paper's values
+"""
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import string
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from verifiers import gsm8k_gold, math_reward
+
+# -----------------------------------------------------------------------------
+# Settings. Each field becomes a command-line flag (--batch-prompts for batch_prompts); its help
+# text is the string in `field(metadata=...)`. A default of None means "chosen from the model":
+# one value for a pretrained model on a GPU, another for the tiny offline demo (see PRESETS).
+
+
+def _arg(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    # model and data
+    model: str = _arg("Qwen2.5-0.5B", "Hub id (Qwen/Qwen2.5-0.5B), local directory, short name (a bare "
+                      "'Qwen...' or 'SmolLM...' gets its organisation prefixed), or 'tiny': a 2-layer Qwen2 "
+                      "with a character tokenizer built in code, trained from scratch, no network needed")
+    dataset: str | None = _arg(None, "'gsm8k' (openai/gsm8k, main), 'toy' (a task generated in code), a local "
+                               ".jsonl/.json/.parquet file or a Hub id with fields question, answer and optional "
+                               "solution [auto: toy for --model tiny, else gsm8k]")
+    steps: int | None = _arg(None, "training steps; each samples a fresh batch of rollouts "
+                             "[auto: 200; tiny 200] (paper: 400)")
+    batch_prompts: int | None = _arg(None, "questions per step [auto: 16; tiny 16] (paper: 128)")
+    group_size: int = _arg(8, "G, answers sampled per question (paper: 8)")
+    max_new_tokens: int | None = _arg(None, "longest sampled answer, in tokens [auto: 512; tiny 4] (paper: 4096)")
+    temperature: float = _arg(1.0, "sampling temperature; every log-prob and KL uses it too, so p_t is the "
+                              "distribution the answers were drawn from (paper: 1.0)")
+    top_p: float = _arg(1.0, "nucleus sampling; below 1 the answers no longer come from p_t exactly, so "
+                        "the on-policy maths only holds approximately")
+    # optimiser
+    lr: float | None = _arg(None, "AdamW learning rate [auto: 1e-6; tiny 3e-3] (paper: 1e-6)")
+    weight_decay: float = _arg(0.1, "AdamW weight decay (paper: 0.1)")
+    lr_warmup: int = _arg(10, "optimiser steps of linear learning-rate warm-up (paper: 10)")
+    max_grad_norm: float = _arg(1.0, "gradient-norm clip (paper: 1.0)")
+    micro_batch: int | None = _arg(None, "answers per forward/backward; gradients are accumulated over "
+                                   "the batch, so this trades memory for nothing but speed [auto: 8; tiny 128]")
+    gradient_checkpointing: bool = _arg(False, "recompute the transformer layers in the backward pass "
+                                        "(less memory, about 30%% more time)")
+    # SDPG terms
+    beta: float = _arg(1e-3, "beta_base, weight of the gated self-distillation KL; 0 gives the "
+                       "RPG/GRPO-style baseline and skips the teacher forward (paper: 1e-3)")
+    beta_warmup: int | None = _arg(None, "T_warm, steps of linear beta warm-up, 0 = none "
+                                   "[auto: steps/8] (paper: 50 of 400)")
+    beta_decay: int | None = _arg(None, "T_decay, final steps of linear beta decay to 0, 0 = none "
+                                  "[auto: 7*steps/8] (paper: 350 of 400)")
+    alpha: float | None = _arg(None, "weight of the KL anchor to the frozen initial model; 0 drops it and "
+                               "the reference copy [auto: 1e-3; tiny 0.05, where the anchor to the uniform "
+                               "initial model keeps the answers from collapsing onto one digit] (paper: 1e-3)")
+    kl_mode: str = _arg("urkl", "per-token reference-KL surrogate (Appendix A.2): urkl (the authors' "
+                        "default), ufkl (best in the paper's tables), fkl, rkl",
+                        choices=("urkl", "ufkl", "fkl", "rkl"))
+    updates_per_batch: int = _arg(1, "optimiser steps per batch of rollouts; 1 is exactly on-policy, more "
+                                  "uses the importance ratio with the dual clip of Appendix A.3")
+    clip_low: float = _arg(0.2, "PPO clip eps_low, used only when --updates-per-batch > 1 (paper: 0.2)")
+    clip_high: float = _arg(0.28, "PPO clip eps_high, used only when --updates-per-batch > 1 (paper: 0.28)")
+    clip_c: float = _arg(10.0, "dual-clip bound c for negative advantages (paper: 10)")
+    chunk_size: int = _arg(512, "response tokens per vocabulary chunk: peak memory of the exact KL grows "
+                           "with chunk_size x vocabulary size, not with the whole batch")
+    # run
+    seed: int = _arg(0, "seed for data order, sampling and the tiny model's initial weights")
+    output_dir: str = _arg("runs/sdpg", "where config.json, metrics.jsonl and checkpoints go")
+    eval_every: int | None = _arg(None, "greedy pass@1 on held-out questions every this many steps, 0 = "
+                                  "only before and after training [auto: 50; tiny 50]")
+    eval_n: int | None = _arg(None, "held-out questions per evaluation [auto: 200; tiny 100]")
+    save_every: int | None = _arg(None, "save a checkpoint every this many steps, 0 = only at the end "
+                                  "[auto: 100; tiny 0]")
+    device: str = _arg("auto", "auto (cuda > mps > cpu), cuda, mps or cpu; CUDA computes in bf16 where "
+                       "the card supports it, with float32 master weights")
+    trust_remote_code: bool = _arg(False, "allow a Hub model to run its own Python code (off: only "
+                                   "architectures that transformers ships)")
+
+
+# Defaults that depend on the model. A pretrained LLM needs a small learning rate and long answers;
+# the tiny demo model learns from scratch and answers with one character.
+PRESETS = {
+    "pretrained": dict(dataset="gsm8k", steps=200, batch_prompts=16, max_new_tokens=512, lr=1e-6, alpha=1e-3,
+                       micro_batch=8, eval_every=50, eval_n=200, save_every=100),
+    "tiny": dict(dataset="toy", steps=200, batch_prompts=16, max_new_tokens=2, lr=3e-3, alpha=0.05,
+                 micro_batch=128, eval_every=50, eval_n=100, save_every=0),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Command line -> Args, with the "auto" defaults filled in."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README.md.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        ftype = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))
+        if ftype is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=ftype, default=f.default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
+    args = Args(**vars(parser.parse_args(argv)))
+    for name, value in PRESETS["tiny" if args.model == "tiny" else "pretrained"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.beta_warmup is None:
+        args.beta_warmup = round(args.steps / 8)
+    if args.beta_decay is None:
+        args.beta_decay = round(args.steps * 7 / 8)
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Device, precision and seeding
+
+
+def pick_device(name: str) -> tuple[torch.device, bool]:
+    """Returns the device and whether to compute in bf16 (CUDA cards that support it)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)
+    return device, device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def autocast(device: torch.device, bf16: bool):
+    # Weights stay float32 (AdamW's 1e-6 steps would round away in bf16 weights); matmuls run in bf16.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def seed_everything(seed: int) -> None:
+    # Seeds Python, torch and every CUDA device. Still not bit-for-bit reproducible on a GPU: some
+    # CUDA kernels (atomics in matmul reductions, SDPA backward) are non-deterministic.
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# Models. The policy and the teacher are ONE model (two prompts); the reference is a frozen copy.
+
+SHORT_NAME_ORGS = {"Qwen": "Qwen", "SmolLM": "HuggingFaceTB"}  # 'Qwen2.5-0.5B' -> 'Qwen/Qwen2.5-0.5B'
+OFFLINE_HINT = "No network? The offline demo needs none: python sdpg.py --model tiny --dataset toy"
+
+
+def build_char_tokenizer():
+    """A character-level tokenizer built in code: digits, lower-case letters and some punctuation.
+
+    Text is lower-cased first. The alphabet is kept small on purpose: a model trained from scratch
+    starts out uniform over it, and a small alphabet makes a right answer likely enough to learn from.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    chars = list(string.digits + string.ascii_lowercase + " \n.,:;?!'()+-*/=$%#")
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    # BPE without merges and without a pre-tokenizer splits any text into single characters.
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.decoder = decoders.Fuse()  # join characters back without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def build_tiny_model(tokenizer, seed: int) -> nn.Module:
+    """A small random-init Qwen2 (a real architecture, so every code path is the GPU one)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def resolve_model_name(name: str) -> str:
+    """'Qwen2.5-0.5B' -> 'Qwen/Qwen2.5-0.5B'; a local directory or an 'org/name' id is kept."""
+    if os.path.isdir(name) or "/" in name:
+        return name
+    for prefix, org in SHORT_NAME_ORGS.items():
+        if name.startswith(prefix):
+            return f"{org}/{name}"
+    return name
+
+
+def load_model(name: str, seed: int, trust_remote_code: bool = False):
+    """Returns (model in float32, tokenizer). Exits with one clear line when the model is not there."""
+    if name == "tiny":
+        tokenizer = build_char_tokenizer()
+        return build_tiny_model(tokenizer, seed), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    repo = resolve_model_name(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: could not load model '{repo}': {str(e).strip().splitlines()[0]}\n{OFFLINE_HINT}")
+    if tokenizer.pad_token_id is None:  # many base models have none; any id works, it is always masked
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS, the model's configured EOS, and the
+    end-of-turn marker of common chat templates (a base model prompted through a chat template
+    ends its turn with <|im_end|>, which is not its EOS)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = model.generation_config.eos_token_id
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    ids.discard(None)
+    return sorted(ids)
+
+
+def frozen_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """pi_ref: the initial weights, frozen. Stored in the compute dtype (bf16 on CUDA) to save memory."""
+    ref = copy.deepcopy(model).to(dtype).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+# -----------------------------------------------------------------------------
+# Data. Every example is {question, answer, solution}; `answer` is the verifier's gold answer,
+# `answer` and `solution` together are the privileged context c.
+
+
+def toy_examples(n: int, seed: int) -> list[dict]:
+    """A copy-like task that a 2-layer model learns from scratch in a minute: the question is a
+    two-digit number and the answer is its second digit ('47' -> '7')."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        digits = f"{rng.randrange(100):02d}"
+        out.append({"question": digits, "answer": digits[1], "solution": ""})
+    return out
+
+
+def normalise_row(row: dict, where: str) -> dict:
+    """A dataset row -> {question, answer, solution}. A GSM8K-style answer ('... #### 72') is split
+    into the worked solution (calculator annotations such as <<48/2=24>> removed) and the gold."""
+    for key in ("question", "answer"):
+        if not isinstance(row.get(key), (str, int, float)) or str(row[key]).strip() == "":
+            raise SystemExit(f"error: {where} has no '{key}' field (need question, answer, optional solution)")
+    answer, solution = str(row["answer"]), str(row.get("solution") or "")
+    if "####" in answer:
+        solution = solution or re.sub(r"<<[^>]*>>", "", answer.split("####")[0]).strip()
+        answer = gsm8k_gold(answer)
+    return {"question": str(row["question"]), "answer": answer, "solution": solution}
+
+
+def load_examples(dataset: str, eval_n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Returns (train, held-out eval) examples. A local file keeps its last eval_n rows for evaluation."""
+    if dataset == "toy":
+        return toy_examples(5000, seed), toy_examples(eval_n, seed + 1)
+    import datasets
+
+    try:
+        if os.path.exists(dataset):
+            kind = "parquet" if dataset.endswith(".parquet") else "json"
+            rows = datasets.load_dataset(kind, data_files=dataset, split="train")
+            if len(rows) <= eval_n:
+                raise SystemExit(f"error: {dataset} has {len(rows)} rows; need more than --eval-n {eval_n}")
+            train_rows, eval_rows = rows.select(range(len(rows) - eval_n)), rows.select(range(len(rows) - eval_n, len(rows)))
+        else:
+            name, config = ("openai/gsm8k", "main") if dataset == "gsm8k" else (dataset, None)
+            train_rows = datasets.load_dataset(name, config, split="train")
+            eval_rows = datasets.load_dataset(name, config, split="test").select(range(eval_n))
+    except (OSError, ValueError, ConnectionError) as e:
+        raise SystemExit(f"error: could not load dataset '{dataset}': {str(e).strip().splitlines()[0]}\n{OFFLINE_HINT}")
+    train = [normalise_row(r, f"{dataset} train row {i}") for i, r in enumerate(train_rows)]
+    held_out = [normalise_row(r, f"{dataset} eval row {i}") for i, r in enumerate(eval_rows)]
+    return train, held_out
+
+
+# -----------------------------------------------------------------------------
+# Prompts. The teacher prompt is the student prompt plus the privileged context (paper, Fig. 4);
+# the wording below is ours. Both go through the chat template when the tokenizer has one.
+
+INSTRUCTION = "Reason step by step, then put the final answer in \\boxed{}."
+
+
+def prompt_texts(example: dict, instruction: str) -> tuple[str, str]:
+    """Returns the (student, teacher) user messages for one example."""
+    student = f"{example['question']}\n{instruction}".strip()
+    hint = f"A verified solution, for your eyes only:\n{example['solution']}\n" if example["solution"] else ""
+    hint += (f"Correct final answer: {example['answer']}\n"
+             "Now write your own complete solution. Do not mention that you were given a reference.")
+    return student, f"{student}\n\n{hint}"
+
+
+def encode_prompt(tokenizer, user_text: str) -> list[int]:
+    """One user turn -> token ids ending where the model's answer starts."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = f"Q: {user_text}\nA: "
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Token lists -> (ids, attention mask), both (N, P), padded on the LEFT so that every sequence
+    ends at column P-1 and generation appends at the same column for all of them."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, P - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def response_mask_from_stops(response_ids: Tensor, stop_ids: list[int]) -> Tensor:
+    """(N, L) sampled ids -> (N, L) mask: 1 up to AND including the first stop token, 0 after.
+
+    The mask comes from the stop tokens, never from pad_token_id: pad often equals EOS, and then a
+    real EOS would be masked out and the model never learns to stop.
+    >>> response_mask_from_stops(torch.tensor([[5, 2, 9, 2], [7, 7, 7, 7]]), stop_ids=[2])
+    tensor([[1, 1, 0, 0],
+            [1, 1, 1, 1]])
+    """
+    is_stop = torch.isin(response_ids, torch.tensor(stop_ids, device=response_ids.device)).long()  # (N, L)
+    stops_before = is_stop.cumsum(dim=1) - is_stop  # (N, L) stop tokens strictly before t
+    return (stops_before == 0).long()
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int,
+             temperature: float, top_p: float, stop_ids: list[int], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Samples one answer per row in ONE batched call with a KV cache (temperature 0 = greedy).
+
+    prompt_ids, prompt_mask: (N, P) left-padded. Returns response ids and mask, both (N, L).
+    generate() derives position ids from the attention mask, so left padding shifts nothing.
+    """
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+        dict(do_sample=False)
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                         eos_token_id=stop_ids, pad_token_id=pad_id, **sampling)  # (N, P + L)
+    response_ids = out[:, prompt_ids.shape[1]:]  # (N, L)
+    return response_ids, response_mask_from_stops(response_ids, stop_ids)
+
+
+# -----------------------------------------------------------------------------
+# Scoring. The logits at response positions come from three views of the same answer ids:
+#   student   pi_theta(. | x, y_<t)     with gradients
+#   teacher   pi_theta(. | c, x, y_<t)  same weights, privileged prompt, no gradients (stop-grad)
+#   reference pi_ref(. | x, y_<t)       frozen initial weights, no gradients
+# We stop at the final hidden states (N, L, H) and turn them into logits a chunk of tokens at a
+# time: (tokens, V) float32 logits at V = 151,936 are the memory wall of full-vocabulary methods.
+
+
+def response_hidden_states(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+                           response_ids: Tensor, response_mask: Tensor) -> Tensor:
+    """Final hidden states that predict each response token: (N, P), (N, L) -> (N, L, H).
+
+    The input is prompt ids + the SAMPLED response ids, never re-tokenised text, so the teacher
+    scores exactly the tokens the student produced.
+    """
+    ids = torch.cat([prompt_ids, response_ids], dim=1)  # (N, P + L)
+    attn = torch.cat([prompt_mask, response_mask], dim=1)  # (N, P + L)
+    # Left padding: position ids count real tokens only, so a padded prompt sees the same positions
+    # as the same prompt alone.
+    position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)  # (N, P + L)
+    h = model.base_model(input_ids=ids, attention_mask=attn, position_ids=position_ids,
+                         use_cache=False).last_hidden_state  # (N, P + L, H)
+    P = prompt_ids.shape[1]
+    return h[:, P - 1:-1]  # (N, L, H): the state at position t predicts token t + 1
+
+
+# KL(p || SG[q]) = sum_{a in V} p(a) (log p(a) - log q(a))                          (Eq. 3.2, 3.4)
+def full_vocab_reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Exact reverse KL over the whole vocabulary, teacher detached: (..., V), (..., V) -> (...).
+
+    Reverse = student first, so the gradient only flows through p (the student). Beware
+    F.kl_div(input, target), which computes KL(target || input): the other direction.
+    Computed in float32 whatever the input dtype.
+    >>> s, t = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    >>> round(full_vocab_reverse_kl(s, t).item(), 4)  # p = (.881, .119), q = (.119, .881)
+    1.5232
+    """
+    logp = F.log_softmax(student_logits.float(), dim=-1)  # (..., V)
+    logq = F.log_softmax(teacher_logits.detach().float(), dim=-1)  # (..., V)
+    return (logp.exp() * (logp - logq)).sum(dim=-1)  # (...)
+
+
+def _chunk_terms(h_student: Tensor, h_teacher: Tensor | None, targets: Tensor, lm_head: nn.Module,
+                 temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    logits = lm_head(h_student).float() / temperature  # (C, V), the only place (C, V) logits live
+    logp_all = F.log_softmax(logits, dim=-1)  # (C, V)
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (C,) log p_t(y_t)
+    entropy = -(logp_all.exp() * logp_all).sum(-1).detach()  # (C,), a metric only
+    if h_teacher is None:
+        return logp, torch.zeros_like(logp), entropy
+    teacher_logits = lm_head(h_teacher).float() / temperature  # (C, V), no grad: h_teacher is detached
+    return logp, full_vocab_reverse_kl(logits, teacher_logits), entropy
+
+
+def chunked_token_terms(h_student: Tensor, h_teacher: Tensor | None, targets: Tensor, lm_head: nn.Module,
+                        temperature: float, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token log p_t(y_t), KL(p_t || q_t) and entropy of p_t, computed chunk by chunk.
+
+    h_student (M, H) with grad, h_teacher (M, H) or None, targets (M,) -> three (M,) tensors.
+    M counts real response tokens only (padding was dropped before). With gradients on, each
+    chunk is wrapped in torch.utils.checkpoint: the forward keeps only the (C, H) inputs and the
+    backward recomputes the chunk's (C, V) logits, so peak memory is about chunk_size x V x 4 bytes
+    x a few, instead of M x V x 4 bytes x a few. The result equals the unchunked computation.
+    """
+    outs = []
+    for i in range(0, targets.shape[0], chunk_size):
+        hs, y = h_student[i:i + chunk_size], targets[i:i + chunk_size]  # (C, H), (C,)
+        ht = None if h_teacher is None else h_teacher[i:i + chunk_size].detach()  # (C, H)
+        if torch.is_grad_enabled() and hs.requires_grad:
+            outs.append(checkpoint(_chunk_terms, hs, ht, y, lm_head, temperature, use_reentrant=False))
+        else:
+            outs.append(_chunk_terms(hs, ht, y, lm_head, temperature))
+    logp, kl, entropy = (torch.cat(parts) for parts in zip(*outs))  # each (M,)
+    return logp, kl, entropy
+
+
+def scatter_tokens(values: Tensor, mask: Tensor) -> Tensor:
+    """(M,) values of the real tokens -> (N, L) with zeros at padding (keeps gradients)."""
+    out = values.new_zeros(mask.shape)  # (N, L)
+    out[mask.bool()] = values
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Losses. Tensors are (n, L) per token, with `weights` holding each token's share of the batch.
+
+
+# A_i = (R_i - mean_G(R)) / (std_G(R) + eps), unbiased std                          (Eq. 2.1)
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+    """Group-relative, std-normalised advantages. rewards (N,) grouped contiguously, N = prompts * G.
+
+    A group whose rewards are all equal gets A = 0 (nothing to learn from it).
+    >>> group_advantages(torch.tensor([1., 0., 0., 0., 1., 1., 1., 1.]), group_size=4).round(decimals=4)
+    tensor([ 1.5000, -0.5000, -0.5000, -0.5000,  0.0000,  0.0000,  0.0000,  0.0000])
+    """
+    if group_size < 2:
+        raise ValueError("group_size must be >= 2: the std of a single reward is undefined")
+    r = rewards.float().view(-1, group_size)  # (B, G)
+    A = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + eps)  # (B, G), torch.std is unbiased
+    return A.view(-1)  # (N,)
+
+
+def token_weights(mask: Tensor, group_size: int) -> Tensor:
+    """Each token's weight: 1 / (response tokens of its group, all G answers) / (groups).
+
+    mask (N, L) -> (N, L). The weights of the whole batch sum to 1, so sum(weights * per_token_loss)
+    is "normalised per group by its total response tokens, averaged over prompts", and it splits
+    over micro-batches of any size without changing the result.
+    >>> token_weights(torch.tensor([[1, 1, 0], [1, 0, 0]]), group_size=2)
+    tensor([[0.3333, 0.3333, 0.0000],
+            [0.3333, 0.0000, 0.0000]])
+    """
+    m = mask.float()
+    tokens_per_group = m.view(-1, group_size, m.shape[1]).sum(dim=(1, 2))  # (B,)
+    per_sequence = tokens_per_group.repeat_interleave(group_size)[:, None]  # (N, 1)
+    return m / per_sequence / tokens_per_group.shape[0]  # (N, L)
+
+
+# beta(k) = beta_base * min(1, k / T_warm) * min(1, (T - k) / T_decay)          (Section 3.5.2)
+def beta_schedule(step: int, total_steps: int, beta: float, warmup_steps: int, decay_steps: int) -> float:
+    """Weight of the distillation term at training step k = step (1-based); a window of 0 is off.
+
+    With the paper's windows (50 up, 350 down, of 400) beta_base is reached at k = 50 only:
+    >>> [round(beta_schedule(k, 400, 1e-3, 50, 350), 6) for k in (1, 25, 50, 51, 200, 400)]
+    [2e-05, 0.0005, 0.001, 0.000997, 0.000571, 0.0]
+    """
+    warm = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+    decay = min(1.0, (total_steps - step) / decay_steps) if decay_steps > 0 else 1.0
+    return beta * max(0.0, warm) * max(0.0, decay)
+
+
+# Per sampled token, log w = log p_t(y_t) - log pi_ref(y_t)              (Section 3.4, Appendix A.2)
+#   urkl  0.5 (log w)^2           gradient  log w            UKL(pi_theta, pi_ref), "k2"
+#   ufkl  exp(-log w) + log w     gradient  1 - exp(-log w)  UKL(pi_ref, pi_theta), "k3" + 1
+#   fkl   exp(-log w)             gradient  -exp(-log w)     normalised forward KL
+#   rkl   0.5 (log w + 1)^2       gradient  log w + 1        normalised reverse KL
+# (gradient = d f / d log p_t(y_t), which then multiplies grad log p_t(y_t))
+def reference_kl(logp: Tensor, ref_logp: Tensor, mode: str) -> Tensor:
+    """Per-token reference-KL surrogate f(log w); any shape, ref_logp is treated as a constant.
+
+    >>> reference_kl(torch.tensor([-1.0]), torch.tensor([-2.0]), "urkl")
+    tensor([0.5000])
+    """
+    log_w = logp - ref_logp.detach()
+    if mode == "urkl":
+        return 0.5 * log_w**2
+    if mode == "ufkl":
+        return torch.exp(-log_w) + log_w
+    if mode == "fkl":
+        return torch.exp(-log_w)
+    if mode == "rkl":
+        return 0.5 * (log_w + 1) ** 2
+    raise ValueError(f"unknown kl mode {mode!r}; use urkl, ufkl, fkl or rkl")
+
+
+# Outcome term, per token. On-policy (Section 3.2): -SG[A] * log p_t(y_t). With several updates per
+# batch (Appendix A.3), rho = p_theta / p_rollout and the PPO clip with DAPO's dual clip:
+#   A >= 0: max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high));  A < 0: min(that, -A c)
+def policy_loss(logp: Tensor, old_logp: Tensor, A: Tensor, eps_low: float, eps_high: float, c: float) -> Tensor:
+    """logp, old_logp (n, L); A (n, 1) -> (n, L).
+
+    When logp == old_logp (one update per batch), rho = 1, nothing is clipped, and the gradient is
+    exactly -A * grad log p: plain REINFORCE with the group advantage.
+    """
+    rho = torch.exp(logp - old_logp.detach())  # (n, L)
+    pg = torch.maximum(-A * rho, -A * rho.clamp(1 - eps_low, 1 + eps_high))  # (n, L)
+    return torch.where(A < 0, torch.minimum(pg, -A * c), pg)  # (n, L)
+
+
+def sdpg_loss(logp: Tensor, old_logp: Tensor, kl_distill: Tensor | None, ref_logp: Tensor | None,
+              advantages: Tensor, weights: Tensor, beta_k: float, alpha: float, kl_mode: str,
+              clip_low: float = 0.2, clip_high: float = 0.28, clip_c: float = 10.0) -> Tensor:
+    """L_SDPG = L_out + beta(k) L_OPD+ + alpha L_K (Eq. 3.1) for a slice of the batch.
+
+    logp, old_logp, kl_distill, ref_logp, weights: (n, L); advantages: (n,). kl_distill None means
+    beta = 0 (no teacher), ref_logp None means alpha = 0 (no reference).
+    """
+    A = advantages[:, None].detach()  # (n, 1), SG[A]
+    per_token = policy_loss(logp, old_logp, A, clip_low, clip_high, clip_c)  # (n, L)
+    rho = torch.exp(logp - old_logp).detach()  # (n, L), 1 when on-policy
+    if kl_distill is not None:
+        m = (A > 0).float()  # (n, 1), the positive-advantage gate m_i = 1[A_i > 0]      (Eq. 3.5)
+        per_token = per_token + beta_k * m * rho * kl_distill
+    if ref_logp is not None:
+        per_token = per_token + alpha * rho * reference_kl(logp, ref_logp, kl_mode)
+    return (weights * per_token).sum()
+
+
+# -----------------------------------------------------------------------------
+# One training step: sample, score, update.
+
+
+@dataclass
+class Rollouts:
+    """One step's batch, N = prompts x G rows, grouped contiguously."""
+    prompt_ids: Tensor  # (N, P) student prompts, left-padded
+    prompt_mask: Tensor  # (N, P)
+    teacher_ids: Tensor  # (N, Pc) teacher prompts (with privileged context), left-padded
+    teacher_mask: Tensor  # (N, Pc)
+    response_ids: Tensor  # (N, L) sampled ids
+    response_mask: Tensor  # (N, L) 1 up to and including the first stop token
+    rewards: Tensor  # (N,)
+    advantages: Tensor  # (N,)
+    old_logp: Tensor | None = None  # (N, L) log-probs under the rollout policy, when updates_per_batch > 1
+
+
+def collect_rollouts(model, tokenizer, examples: list[dict], args: Args, instruction: str, stop_ids: list[int],
+                     device: torch.device, bf16: bool) -> Rollouts:
+    G = args.group_size
+    texts = [prompt_texts(ex, instruction) for ex in examples]
+    student = [encode_prompt(tokenizer, s) for s, _ in texts for _ in range(G)]  # N lists, G copies each
+    teacher = [encode_prompt(tokenizer, t) for _, t in texts for _ in range(G)]
+    prompt_ids, prompt_mask = left_pad(student, tokenizer.pad_token_id, device)  # (N, P)
+    teacher_ids, teacher_mask = left_pad(teacher, tokenizer.pad_token_id, device)  # (N, Pc)
+    model.eval()
+    with autocast(device, bf16):
+        response_ids, response_mask = generate(model, prompt_ids, prompt_mask, args.max_new_tokens,
+                                               args.temperature, args.top_p, stop_ids, tokenizer.pad_token_id)
+    completions = tokenizer.batch_decode(response_ids * response_mask, skip_special_tokens=True)
+    golds = [ex["answer"] for ex in examples for _ in range(G)]
+    rewards = torch.tensor([math_reward(c, g) for c, g in zip(completions, golds)], device=device)  # (N,)
+    return Rollouts(prompt_ids, prompt_mask, teacher_ids, teacher_mask, response_ids, response_mask,
+                    rewards, group_advantages(rewards, G))
+
+
+def score(model, ref_model, rb: Rollouts, rows: slice, use_teacher: bool, args: Args, device, bf16):
+    """Student (with grad if enabled), teacher and reference terms for rows of the batch.
+
+    Returns per-token (n, L) tensors: logp, kl_distill or None, ref_logp or None, entropy.
+    """
+    mask = rb.response_mask[rows]  # (n, L)
+    targets = rb.response_ids[rows][mask.bool()]  # (M,) real response tokens, flattened
+    lm_head = model.get_output_embeddings()
+    with autocast(device, bf16):
+        h_teacher = None
+        if use_teacher:
+            with torch.no_grad():  # the teacher is the current model, stop-gradient
+                h_teacher = response_hidden_states(model, rb.teacher_ids[rows], rb.teacher_mask[rows],
+                                                   rb.response_ids[rows], mask)[mask.bool()]  # (M, H)
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad():
+                h_ref = response_hidden_states(ref_model, rb.prompt_ids[rows], rb.prompt_mask[rows],
+                                               rb.response_ids[rows], mask)[mask.bool()]  # (M, H)
+                ref_logp, _, _ = chunked_token_terms(h_ref, None, targets, ref_model.get_output_embeddings(),
+                                                     args.temperature, args.chunk_size)  # (M,)
+                ref_logp = scatter_tokens(ref_logp, mask)  # (n, L)
+        h_student = response_hidden_states(model, rb.prompt_ids[rows], rb.prompt_mask[rows],
+                                           rb.response_ids[rows], mask)[mask.bool()]  # (M, H)
+        logp, kl, entropy = chunked_token_terms(h_student, h_teacher, targets, lm_head,
+                                                args.temperature, args.chunk_size)  # (M,) each
+    kl_distill = scatter_tokens(kl, mask) if use_teacher else None
+    return scatter_tokens(logp, mask), kl_distill, ref_logp, scatter_tokens(entropy, mask)
+
+
+def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: float, args: Args,
+                  device, bf16) -> dict:
+    """--updates-per-batch optimiser steps on one batch of rollouts, micro-batched."""
+    model.train()
+    N, G = rb.response_ids.shape[0], args.group_size
+    use_teacher = args.beta > 0
+    if args.updates_per_batch > 1:  # the rollout policy's log-probs, for the ratio rho (Appendix A.3)
+        with torch.no_grad():
+            rb.old_logp = torch.cat([score(model, None, rb, slice(i, i + args.micro_batch), False, args, device,
+                                           bf16)[0] for i in range(0, N, args.micro_batch)])  # (N, L)
+    sums = dict(loss=0.0, kl_distill=0.0, kl_ref=0.0, entropy=0.0, grad_norm=0.0)
+    per_update = N // args.updates_per_batch  # whole groups, checked in main()
+    for u in range(0, N, per_update):
+        weights = token_weights(rb.response_mask[u:u + per_update], G)  # (n, L), sums to 1 per update
+        for i in range(u, u + per_update, args.micro_batch):
+            rows = slice(i, min(i + args.micro_batch, u + per_update))
+            logp, kl, ref_logp, entropy = score(model, ref_model, rb, rows, use_teacher, args, device, bf16)
+            old_logp = logp.detach() if rb.old_logp is None else rb.old_logp[rows]
+            w = weights[rows.start - u:rows.stop - u]  # (n, L)
+            loss = sdpg_loss(logp, old_logp, kl, ref_logp, rb.advantages[rows], w, beta_k, args.alpha,
+                             args.kl_mode, args.clip_low, args.clip_high, args.clip_c)
+            loss.backward()
+            # Metrics, token-averaged over the whole batch (w / updates sums to 1 over everything).
+            w = w / args.updates_per_batch
+            sums["loss"] += loss.item() / args.updates_per_batch
+            sums["entropy"] += (w * entropy).sum().item()
+            if kl is not None:
+                sums["kl_distill"] += (w * kl.detach()).sum().item()
+            if ref_logp is not None:  # k3 estimate of KL(pi_theta || pi_ref), >= 0 per token
+                log_w = (logp - ref_logp).detach()
+                sums["kl_ref"] += (w * (torch.exp(-log_w) - 1 + log_w)).sum().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        sums["grad_norm"] += grad_norm.item() / args.updates_per_batch
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    sums["kl_distill"] = sums["kl_distill"] if use_teacher else None
+    sums["kl_ref"] = sums["kl_ref"] if ref_model is not None else None
+    return sums
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: greedy pass@1 on held-out questions.
+
+
+def evaluate(model, tokenizer, examples: list[dict], instruction: str, stop_ids: list[int], max_new_tokens: int,
+             batch_size: int, device, bf16) -> float:
+    model.eval()
+    correct = 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i:i + batch_size]
+        ids, mask = left_pad([encode_prompt(tokenizer, prompt_texts(ex, instruction)[0]) for ex in batch],
+                             tokenizer.pad_token_id, device)
+        with autocast(device, bf16):
+            resp, resp_mask = generate(model, ids, mask, max_new_tokens, 0.0, 1.0, stop_ids, tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(resp * resp_mask, skip_special_tokens=True)
+        correct += sum(math_reward(t, ex["answer"]) for t, ex in zip(texts, batch))
+    return correct / max(1, len(examples))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written to a temporary directory, then renamed, so a crash never leaves a
+# checkpoint that looks complete.
+
+
+def save_checkpoint(model, tokenizer, path: str) -> None:
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# main: wiring only.
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.group_size < 2:
+        raise SystemExit("error: --group-size must be >= 2: with one answer per question every advantage is 0")
+    if args.batch_prompts % args.updates_per_batch:
+        raise SystemExit("error: --batch-prompts must be a multiple of --updates-per-batch (updates take whole groups)")
+    device, bf16 = pick_device(args.device)
+    seed_everything(args.seed)
+    model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code)
+    model.to(device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    stop_ids = stop_token_ids(model, tokenizer)
+    # Our sampling settings replace whatever the Hub's generation_config holds (top_k, repetition
+    # penalty...), which would otherwise make the answers come from another distribution than p_t.
+    from transformers import GenerationConfig
+    model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    ref_model = frozen_copy(model, torch.bfloat16 if bf16 else torch.float32) if args.alpha > 0 else None
+    train, held_out = load_examples(args.dataset, args.eval_n, args.seed)
+    instruction = "" if args.dataset == "toy" else INSTRUCTION
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup)))
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=2)
+    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
+    log = lambda row: (metrics_file.write(json.dumps(row) + "\n"), metrics_file.flush())  # noqa: E731
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model {args.model} ({n_params / 1e6:.1f}M parameters) | dataset {args.dataset} ({len(train)} train, "
+          f"{len(held_out)} held out) | device {device}{' bf16' if bf16 else ''} | output {args.output_dir}")
+
+    eval_batch = args.batch_prompts * args.group_size
+    evaluate_now = lambda: evaluate(model, tokenizer, held_out, instruction, stop_ids, args.max_new_tokens,  # noqa: E731
+                                    eval_batch, device, bf16)
+    acc = evaluate_now()
+    log({"step": 0, "eval_accuracy": acc})
+    print(f"step 0 | eval_accuracy {acc:.3f}")
+
+    from tqdm import tqdm
+    order = random.Random(args.seed)
+    queue: list[dict] = []
+    for step in tqdm(range(1, args.steps + 1), desc="sdpg", dynamic_ncols=True):
+        t0 = time.time()
+        while len(queue) < args.batch_prompts:  # reshuffle the training set each epoch
+            queue += order.sample(train, len(train))
+        examples, queue = queue[:args.batch_prompts], queue[args.batch_prompts:]
+        rb = collect_rollouts(model, tokenizer, examples, args, instruction, stop_ids, device, bf16)
+        beta_k = beta_schedule(step, args.steps, args.beta, args.beta_warmup, args.beta_decay)
+        sums = policy_update(model, ref_model, optimizer, scheduler, rb, beta_k, args, device, bf16)
+        row = {"step": step, "reward_mean": rb.rewards.mean().item(), **sums, "beta": beta_k,
+               "gate_frac": (rb.advantages > 0).float().mean().item(),
+               "response_len": rb.response_mask.sum(1).float().mean().item(),
+               "lr": scheduler.get_last_lr()[0], "time_s": time.time() - t0}
+        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+            row["eval_accuracy"] = evaluate_now()
+        log(row)
+        tqdm.write(format_row(row))
+        if args.save_every and step % args.save_every == 0 and step != args.steps:
+            save_checkpoint(model, tokenizer, os.path.join(args.output_dir, f"checkpoint-{step}"))
+    save_checkpoint(model, tokenizer, os.path.join(args.output_dir, "final"))
+    metrics_file.close()
+    print(f"done: final model in {os.path.join(args.output_dir, 'final')}")
+
+
+def format_row(row: dict) -> str:
+    """One fixed-format line per step."""
+    fmt = lambda k, spec: "-" if row.get(k) is None else format(row[k], spec)  # noqa: E731
+    line = (f"step {row['step']:4d} | reward {fmt('reward_mean', '.3f')} | kl_distill {fmt('kl_distill', '.4f')} | "
+            f"kl_ref {fmt('kl_ref', '.4f')} | beta {fmt('beta', '.1e')} | gate {fmt('gate_frac', '.2f')} | "
+            f"entropy {fmt('entropy', '.3f')} | len {fmt('response_len', '.1f')} | {fmt('time_s', '.2f')}s")
+    return line + (f" | eval_accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,708 @@
+"""Tests for sdpg.py and verifiers.py. CPU only, no network: models and tokenizers are built in code.
+
+Each maths test compares against an independent reference: torch.distributions, a naive loop,
+a closed-form gradient, or the same computation done another way.
+
+    python -m pytest -q test_sdpg.py
+"""
+
+import ast
+import doctest
+import json
+import math
+import os
+import pathlib
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sdpg
+import verifiers
+from verifiers import extract_answer, gsm8k_gold, is_equiv, math_reward
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = sdpg.build_char_tokenizer()
+    return sdpg.build_tiny_model(tok, seed=0), tok
+
+
+# -----------------------------------------------------------------------------
+# The docstring examples are part of the documentation: run them so they cannot drift.
+
+
+@pytest.mark.parametrize("module", [sdpg, verifiers])
+def test_doctests(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
+
+
+# -----------------------------------------------------------------------------
+# Exact full-vocabulary reverse KL (Eq. 3.2)
+
+
+def test_reverse_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 5, 50) * 3, torch.randn(3, 5, 50) * 3
+    ours = sdpg.full_vocab_reverse_kl(s, t)
+    ref = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=s),
+                                            torch.distributions.Categorical(logits=t))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    # and NOT the other direction, which is what F.kl_div(log p, q) would give
+    forward = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=t),
+                                                torch.distributions.Categorical(logits=s))
+    assert not torch.allclose(ours, forward, atol=1e-3)
+
+
+def test_reverse_kl_is_float32_and_teacher_gets_no_gradient():
+    s = torch.randn(4, 30, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(4, 30, requires_grad=True)
+    kl = sdpg.full_vocab_reverse_kl(s, t)
+    assert kl.dtype == torch.float32
+    kl.sum().backward()
+    assert s.grad is not None and t.grad is None
+
+
+def test_proposition_3_1_identity():
+    # On a fixed prefix, grad of KL(p || SG q) equals grad of -E_{a~p}[A_dist(a) log p(a)] with
+    # A_dist(a) = SG[KL - log(p(a)/q(a))], and E_{a~p}[A_dist] = 0.
+    torch.manual_seed(1)
+    s = torch.randn(7, 40, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(7, 40, dtype=torch.float64)
+    (g_kl,) = torch.autograd.grad(sdpg.full_vocab_reverse_kl(s, t).sum(), s)
+    logp, logq = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1, keepdim=True)
+    A_dist = (kl - (logp - logq)).detach()
+    surrogate = -(logp.exp().detach() * A_dist * logp).sum()  # expectation over a ~ p, exact
+    (g_pg,) = torch.autograd.grad(surrogate, s)
+    torch.testing.assert_close(g_kl, g_pg, rtol=1e-4, atol=1e-6)  # our KL runs in float32
+    torch.testing.assert_close((logp.exp() * A_dist).sum(-1), torch.zeros(7, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_chunked_terms_equal_unchunked_values_and_gradients():
+    torch.manual_seed(2)
+    H, V, M, T = 16, 97, 23, 0.7
+    head = torch.nn.Linear(H, V, bias=False)
+    hs0, ht = torch.randn(M, H), torch.randn(M, H)
+    y = torch.randint(0, V, (M,))
+
+    def run(chunk):
+        head.zero_grad()
+        hs = hs0.clone().requires_grad_(True)
+        logp, kl, ent = sdpg.chunked_token_terms(hs, ht, y, head, T, chunk)
+        (logp * torch.linspace(-1, 1, M) + kl).sum().backward()
+        return logp.detach(), kl.detach(), ent, hs.grad.clone(), head.weight.grad.clone()
+
+    whole, chunked = run(M), run(5)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # and against a naive per-token loop over the vocabulary
+    logits_s, logits_t = head(hs0) / T, head(ht) / T
+    for i in range(M):
+        p, q = logits_s[i].softmax(-1), logits_t[i].softmax(-1)
+        naive_kl = sum(p[a] * (p[a].log() - q[a].log()) for a in range(V))
+        assert math.isclose(whole[1][i].item(), naive_kl.item(), rel_tol=1e-4, abs_tol=1e-6)
+        assert math.isclose(whole[0][i].item(), p[y[i]].log().item(), rel_tol=1e-5)
+        assert math.isclose(whole[2][i].item(), -(p * p.log()).sum().item(), rel_tol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Advantages, gate, normalisation, schedule
+
+
+def test_group_advantages_worked_example_and_identical_groups():
+    A = sdpg.group_advantages(torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 1]), group_size=4)
+    expected = torch.tensor([1.5, -0.5, -0.5, -0.5, 0, 0, 0, 0, 0.5, 0.5, -1.5, 0.5])
+    torch.testing.assert_close(A, expected, atol=1e-5, rtol=0)
+    # independent reference: a loop with statistics.stdev (Bessel-corrected)
+    r = [random.Random(3).random() for _ in range(12)]
+    A = sdpg.group_advantages(torch.tensor(r), group_size=6)
+    for g in range(2):
+        grp = r[6 * g:6 * g + 6]
+        for j, x in enumerate(grp):
+            want = (x - statistics.mean(grp)) / (statistics.stdev(grp) + 1e-6)
+            assert math.isclose(A[6 * g + j].item(), want, rel_tol=1e-5)
+    with pytest.raises(ValueError):
+        sdpg.group_advantages(torch.tensor([1.0, 0.0]), group_size=1)
+
+
+def test_token_weights_normalise_per_group_and_average_over_prompts():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    w = sdpg.token_weights(mask, group_size=2)
+    # group 0 has 4 tokens, group 1 has 6; 2 groups
+    torch.testing.assert_close(w[0], torch.tensor([1, 1, 1, 0]) / 4 / 2)
+    torch.testing.assert_close(w[3], torch.tensor([1, 1, 0, 0]) / 6 / 2)
+    assert math.isclose(w.sum().item(), 1.0, rel_tol=1e-6)
+
+
+def test_positive_advantage_gate_and_loss_normaliser():
+    torch.manual_seed(4)
+    n, L = 4, 3
+    mask = torch.ones(n, L)
+    logp = torch.randn(n, L)
+    kl = torch.rand(n, L, requires_grad=True)
+    A = torch.tensor([1.5, -0.5, 0.0, -1.0])
+    w = sdpg.token_weights(mask, group_size=4)
+    loss = sdpg.sdpg_loss(logp, logp.detach(), kl, None, A, w, beta_k=0.3, alpha=0.0, kl_mode="urkl")
+    loss.backward()
+    # d loss / d kl = beta * m_i / (all tokens of the group), m_i = 1[A_i > 0]
+    expected = 0.3 * (A > 0).float()[:, None].expand(n, L) / (n * L)
+    torch.testing.assert_close(kl.grad, expected)
+
+
+def test_on_policy_outcome_term_is_reinforce():
+    torch.manual_seed(5)
+    logp = torch.randn(6, 4, requires_grad=True)
+    A = torch.randn(6, 1)
+    loss = sdpg.policy_loss(logp, logp.detach(), A, 0.2, 0.28, 10.0).sum()
+    (g,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(g, -A.expand(6, 4))
+
+
+def test_dual_clip_values():
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([2.0, 0.5, 20.0, 2.0]))  # rho = 2, 0.5, 20, 2
+    A = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    out = sdpg.policy_loss(logp, old, A, 0.2, 0.28, 10.0)
+    # A>0, rho=2: max(-2, -1.28) = -1.28; A>0, rho=.5: max(-.5, -.8) = -.5
+    # A<0, rho=20: min(max(20, 1.28), 10) = 10; A<0, rho=2: min(max(2, 1.28), 10) = 2
+    torch.testing.assert_close(out, torch.tensor([-1.28, -0.5, 10.0, 2.0]))
+
+
+def test_beta_schedule_edges():
+    f = sdpg.beta_schedule
+    assert f(0, 400, 1e-3, 50, 350) == 0.0
+    assert math.isclose(f(50, 400, 1e-3, 50, 350), 1e-3 * 350 / 350 * 1.0)
+    assert math.isclose(f(51, 400, 1e-3, 50, 350), 1e-3 * 349 / 350)  # windows overlap: peak < beta_base
+    assert f(400, 400, 1e-3, 50, 350) == 0.0
+    assert f(500, 400, 1e-3, 50, 350) == 0.0
+    assert f(1, 10, 0.5, 0, 0) == 0.5  # both windows switched off
+    assert math.isclose(f(5, 10, 0.5, 10, 0), 0.25)
+
+
+@pytest.mark.parametrize("mode", ["urkl", "ufkl", "fkl", "rkl"])
+def test_reference_kl_gradient_matches_closed_form(mode):
+    # SDPG_MATH.md section 6: d f / d log p, with log w = log p - log pi_ref
+    closed_form = {"urkl": lambda lw: lw, "ufkl": lambda lw: 1 - torch.exp(-lw),
+                   "fkl": lambda lw: -torch.exp(-lw), "rkl": lambda lw: lw + 1}[mode]
+    torch.manual_seed(6)
+    logp = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(sdpg.reference_kl(logp, ref, mode).sum(), logp)
+    torch.testing.assert_close(g, closed_form((logp - ref).detach()))
+    assert sdpg.reference_kl(logp, ref, mode).sum().grad_fn is not None
+    with pytest.raises(ValueError):
+        sdpg.reference_kl(logp, ref, "kl")
+
+
+def test_micro_batches_sum_to_the_whole_batch():
+    torch.manual_seed(7)
+    N, L = 8, 5
+    mask = (torch.rand(N, L) > 0.3).long()
+    mask[:, 0] = 1
+    logp = (-torch.rand(N, L) * mask).requires_grad_(True)
+    kl, ref = torch.rand(N, L) * mask, -torch.rand(N, L) * mask
+    A = sdpg.group_advantages(torch.randint(0, 2, (N,)).float(), 4)
+    w = sdpg.token_weights(mask, 4)
+    args = dict(beta_k=0.1, alpha=0.2, kl_mode="ufkl")
+    whole = sdpg.sdpg_loss(logp, logp.detach(), kl, ref, A, w, **args)
+    parts = sum(sdpg.sdpg_loss(logp[i:i + 3], logp[i:i + 3].detach(), kl[i:i + 3], ref[i:i + 3], A[i:i + 3],
+                               w[i:i + 3], **args) for i in range(0, N, 3))
+    torch.testing.assert_close(whole, parts)
+
+
+# -----------------------------------------------------------------------------
+# Sampling, padding and the teacher's view
+
+
+def test_response_mask_when_pad_equals_eos():
+    eos = 1
+    ids = torch.tensor([[7, 8, eos, eos, eos], [eos, eos, eos, eos, eos], [5, 5, 5, 5, 5]])
+    mask = sdpg.response_mask_from_stops(ids, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    # several stop ids: the first of any of them ends the answer
+    assert sdpg.response_mask_from_stops(torch.tensor([[4, 9, 3, 9]]), [3, 9]).tolist() == [[1, 1, 0, 0]]
+
+
+def _logp_alone(model, prompt, response):
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
+    return F.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
+
+def test_left_padded_batch_equals_each_sequence_alone(tiny):
+    model, tok = tiny
+    model.eval()
+    prompts = [tok("q: 12\na: ").input_ids, tok("a much longer prompt: 345\na: ").input_ids]
+    responses = [[5, 6, 7, tok.eos_token_id], [8, tok.eos_token_id, tok.pad_token_id, tok.pad_token_id]]
+    ids, mask = sdpg.left_pad(prompts, tok.pad_token_id, torch.device("cpu"))
+    resp = torch.tensor(responses)
+    rmask = sdpg.response_mask_from_stops(resp, [tok.eos_token_id])
+    with torch.no_grad():
+        h = sdpg.response_hidden_states(model, ids, mask, resp, rmask)  # (2, 4, H)
+        logp, _, _ = sdpg.chunked_token_terms(h[rmask.bool()], None, resp[rmask.bool()], model.lm_head, 1.0, 3)
+        logp = sdpg.scatter_tokens(logp, rmask)
+        for i in range(2):
+            n = int(rmask[i].sum())
+            torch.testing.assert_close(logp[i, :n], _logp_alone(model, prompts[i], responses[i][:n]),
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_scored_logprobs_equal_the_sampling_distribution(tiny):
+    # generate()'s processed scores (temperature applied) must give the same log-probs as our
+    # scoring path: otherwise the "on-policy" gradient is taken on another distribution.
+    model, tok = tiny
+    model.eval()
+    T = 0.7
+    prompts = [tok("q: 12\na: ").input_ids, tok("q: 3\na: ").input_ids]
+    ids, mask = sdpg.left_pad(prompts, tok.pad_token_id, torch.device("cpu"))
+    torch.manual_seed(0)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=True, temperature=T,
+                         top_k=0, top_p=1.0, eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
+                         output_scores=True, return_dict_in_generate=True)
+    resp = out.sequences[:, ids.shape[1]:]
+    rmask = sdpg.response_mask_from_stops(resp, [tok.eos_token_id])
+    gen_logp = torch.stack([F.log_softmax(s, -1) for s in out.scores], 1).gather(-1, resp[..., None]).squeeze(-1)
+    with torch.no_grad():
+        h = sdpg.response_hidden_states(model, ids, mask, resp, rmask)
+        logp, _, _ = sdpg.chunked_token_terms(h[rmask.bool()], None, resp[rmask.bool()], model.lm_head, T, 4)
+    torch.testing.assert_close(sdpg.scatter_tokens(logp, rmask), gen_logp * rmask, rtol=1e-4, atol=1e-5)
+
+
+def _chat_tokenizer():
+    tok = sdpg.build_char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    return tok
+
+
+def test_teacher_scores_exactly_the_sampled_ids():
+    tok = _chat_tokenizer()
+    model = sdpg.build_tiny_model(tok, seed=1)
+    args = sdpg.parse_args(["--model", "tiny", "--group-size", "3", "--max-new-tokens", "6"])
+    examples = sdpg.toy_examples(2, seed=0)
+    rb = sdpg.collect_rollouts(model, tok, examples, args, "", [tok.eos_token_id], torch.device("cpu"), False)
+    # both prompts went through the chat template, the teacher's with the privileged context
+    assert tok.decode(rb.prompt_ids[0][rb.prompt_mask[0].bool()]).startswith("user: ")
+    teacher_text = tok.decode(rb.teacher_ids[0][rb.teacher_mask[0].bool()])
+    assert "correct final answer: " + examples[0]["answer"] in teacher_text and teacher_text.endswith("assistant: ")
+    # the teacher's hidden states at response positions are those of teacher prompt + the SAME ids, alone
+    with torch.no_grad():
+        h = sdpg.response_hidden_states(model, rb.teacher_ids, rb.teacher_mask, rb.response_ids, rb.response_mask)
+        for i in range(rb.response_ids.shape[0]):
+            n = int(rb.response_mask[i].sum())
+            teacher_prompt = rb.teacher_ids[i][rb.teacher_mask[i].bool()].tolist()
+            sampled = rb.response_ids[i, :n].tolist()
+            torch.testing.assert_close(h[i, :n], _hidden_alone(model, teacher_prompt, sampled), rtol=1e-4, atol=1e-5)
+
+
+def _hidden_alone(model, prompt, response):
+    ids = torch.tensor([prompt + response])
+    return model.base_model(input_ids=ids).last_hidden_state[0, len(prompt) - 1:-1]
+
+
+# -----------------------------------------------------------------------------
+# The command line and whole runs
+
+
+def test_help_reads_like_documentation():
+    out = subprocess.run([sys.executable, os.path.join(HERE, "sdpg.py"), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0
+    for flag in ("--model", "--dataset", "--steps", "--group-size", "--batch-prompts", "--max-new-tokens",
+                 "--temperature", "--lr", "--beta", "--beta-warmup", "--beta-decay", "--alpha", "--kl-mode",
+                 "--updates-per-batch", "--seed", "--output-dir", "--eval-every", "--eval-n", "--save-every",
+                 "--device"):
+        assert flag in out.stdout
+    assert "paper: 1e-3" in out.stdout
+
+
+def test_presets_and_short_names():
+    a = sdpg.parse_args(["--model", "tiny"])
+    assert (a.dataset, a.lr, a.alpha, a.beta_warmup, a.beta_decay) == ("toy", 3e-3, 0.05, 25, 175)
+    b = sdpg.parse_args(["--model", "Qwen2.5-0.5B", "--steps", "400", "--lr", "2e-6"])
+    assert (b.dataset, b.lr, b.alpha, b.beta_warmup, b.beta_decay) == ("gsm8k", 2e-6, 1e-3, 50, 350)
+    assert sdpg.resolve_model_name("Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    assert sdpg.resolve_model_name("someone/model") == "someone/model"
+
+
+def test_dataset_rows_and_gsm8k_context(tmp_path):
+    row = sdpg.normalise_row({"question": "q", "answer": "2 * 3 = <<2*3=6>>6 apples\n#### 1,006"}, "row 0")
+    assert row == {"question": "q", "answer": "1006", "solution": "2 * 3 = 6 apples"}
+    with pytest.raises(SystemExit, match="row 3 has no 'answer'"):
+        sdpg.normalise_row({"question": "q"}, "row 3")
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"question": f"what is {i}+1?", "answer": str(i + 1)}) + "\n" for i in range(6)))
+    train, held_out = sdpg.load_examples(str(path), eval_n=2, seed=0)
+    assert len(train) == 4 and [e["answer"] for e in held_out] == ["5", "6"]
+
+
+def _rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_one_training_step_changes_weights_and_writes_metrics(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    sdpg.main(["--model", "tiny", "--steps", "2", "--batch-prompts", "4", "--group-size", "4", "--eval-n", "8",
+               "--beta", "0.5", "--beta-warmup", "0", "--updates-per-batch", "2", "--micro-batch", "3",
+               "--output-dir", str(out)])
+    rows = _rows(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for key in ("step", "reward_mean", "kl_distill", "kl_ref", "beta", "gate_frac", "loss", "entropy",
+                "response_len", "lr", "time_s"):
+        assert key in rows[1] and math.isfinite(rows[1][key]), key
+    assert "eval_accuracy" in rows[0] and "eval_accuracy" in rows[2]
+    assert json.loads((out / "config.json").read_text())["model"] == "tiny"
+    trained = AutoModelForCausalLM.from_pretrained(out / "final")
+    init = sdpg.build_tiny_model(sdpg.build_char_tokenizer(), seed=0)
+    changed = [not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), init.state_dict().values())]
+    assert all(changed)
+
+
+def _demo(tmp_path, extra=()):
+    out = tmp_path / "demo"
+    sdpg.main(["--model", "tiny", "--dataset", "toy", "--output-dir", str(out), *extra])
+    rewards = [r["reward_mean"] for r in _rows(out / "metrics.jsonl") if "reward_mean" in r]
+    return statistics.mean(rewards[:10]), statistics.mean(rewards[-10:])
+
+
+def test_offline_demo_learns(tmp_path):
+    start = time.time()
+    first, last = _demo(tmp_path)
+    assert last - first >= 0.3, (first, last)
+    assert time.time() - start < 120
+
+
+def test_offline_demo_does_not_learn_with_the_advantage_sign_flipped(tmp_path, monkeypatch):
+    real = sdpg.group_advantages
+    monkeypatch.setattr(sdpg, "group_advantages", lambda r, g, eps=1e-6: -real(r, g, eps))
+    first, last = _demo(tmp_path, ["--steps", "100", "--eval-every", "0", "--eval-n", "10"])
+    assert last <= first + 0.05, (first, last)
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(SystemExit, match="group-size must be >= 2"):
+        sdpg.main(["--model", "tiny", "--group-size", "1"])
+
+
+# -----------------------------------------------------------------------------
+# verifiers.py: extraction, equivalence, rewards, robustness, security
+
+# --- is_equiv ----------------------------------------------------------------
+
+EQUIVALENT = [
+    # fractions vs decimals
+    (r"\frac{1}{2}", "0.5"),
+    (r"\dfrac{1}{2}", "1/2"),
+    (r"\tfrac{3}{4}", "0.75"),
+    (r"\frac12", "0.5"),
+    (r"-\frac{1}{2}", "-0.5"),
+    (r"\frac{-1}{2}", "-1/2"),
+    (".5", "1/2"),
+    # thousands separators
+    ("1,000", "1000"),
+    ("1{,}000", "1000"),
+    (r"1\,000", "1000"),
+    ("1,234,567.5", "1234567.5"),
+    # currency, units, degrees
+    ("$18", "18"),
+    (r"\$18", "18"),
+    ("18 dollars", "18"),
+    (r"5\text{ cm}", "5"),
+    (r"5 \mbox{ cm}^2", "5"),
+    (r"5\text{cm}", "5"),
+    ("5 square feet", "5"),
+    (r"90^\circ", "90"),
+    (r"90^{\circ}", "90"),
+    ("90°", "90"),
+    ("45 degrees", "45"),
+    # percent: the sign is dropped
+    ("50%", "50"),
+    (r"50\%", "50"),
+    # trailing zeros
+    ("5.0", "5"),
+    ("5.50", "5.5"),
+    ("005", "5"),
+    # signs and the unicode minus
+    ("\u22123", "-3"),
+    ("+3", "3"),
+    # LaTeX spacing, \left and \right, math delimiters
+    (r"\left( 1,\! 2 \right)", "(1,2)"),
+    (r"\frac{1}{2}\;", "0.5"),
+    (r"3\ ", "3"),
+    ("~3~", "3"),
+    (r"\(7\)", "7"),
+    ("$\\displaystyle 7$", "7"),
+    # right-hand sides
+    ("x = 5", "5"),
+    ("x = y = 5", "5"),
+    ("(x, y) = (1, 2)", "(1,2)"),
+    # tuples, intervals, lists of solutions
+    ("(1, 2)", "(1,2)"),
+    ("(0.5, 1/2)", r"(\frac12, 0.5)"),
+    (r"(-\infty, 2]", r"(-\infty,2]"),
+    ("[1, 2)", "[1,2)"),
+    ("2, -3", "-3, 2"),
+    ("(5)", "5"),
+    # scientific notation
+    ("1e3", "1000"),
+    ("1.5E-3", "0.0015"),
+    (r"1.5 \times 10^{3}", "1500"),
+    (r"1.5\cdot10^3", "1500"),
+    # big integers are exact
+    ("123456789012345678901234567890", "123456789012345678901234567890.0"),
+    # non-numeric answers
+    (r"\text{B}", "B"),
+    ("(B)", "b"),
+    (r"\textbf{Yes}.", "yes"),
+    (r"\mathrm{even}", "Even"),
+    (r"\dfrac{\pi}{2}", r"\frac{\pi}{2}"),
+    (r"2\sqrt{3}", r"2 \sqrt{3}"),
+    (r"\left[ 0, \infty \right)", r"[0,\infty)"),
+]
+
+NOT_EQUIVALENT = [
+    ("0.333", "1/3"),
+    ("0.3333333333", r"\frac{1}{3}"),
+    ("0.5", "50%"),
+    ("1,000", "1"),
+    ("(1, 000)", "1000"),
+    ("[1,2]", "(1,2)"),
+    ("(1,2)", "(2,1)"),
+    ("(1,2)", "1,2"),
+    ("1,2", "12"),
+    ("1 2", "12"),
+    ("123456789012345678901234567890", "123456789012345678901234567891"),
+    ("1e999999999", "1"),
+    ("1 million", "1000000"),
+    ("3 i", "3"),
+    ("-3", "3"),
+    ("5", "5.01"),
+    (r"\frac{1}{0}", "0"),
+    ("x + 1", "x - 1"),
+    ("5x", "5"),
+    ("x <= 5", "5"),
+    ("a=1, b=2", "2"),
+    (r"\sqrt{2}", "2"),
+    ("", "0"),
+    ("", ""),
+    ("   ", "0"),
+    ("$$", ""),
+    (r"\text{}", "0"),
+    ("0", ""),
+    ("1" * 2000, "1" * 2000),
+]
+
+
+@pytest.mark.parametrize("pred,gold", EQUIVALENT)
+def test_is_equiv_true(pred, gold):
+    assert is_equiv(pred, gold)
+    assert is_equiv(gold, pred)  # equivalence is symmetric
+
+
+@pytest.mark.parametrize("pred,gold", NOT_EQUIVALENT)
+def test_is_equiv_false(pred, gold):
+    assert not is_equiv(pred, gold)
+    assert not is_equiv(gold, pred)
+
+
+# --- extract_answer ----------------------------------------------------------
+
+EXTRACTIONS = [
+    # boxes: last complete one, balanced braces
+    (r"so \boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+    (r"\boxed {x}", "x"),
+    (r"first \boxed{3}, finally \boxed{4}.", "4"),
+    (r"\fbox{7}", "7"),
+    (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+    (r"\boxed{3} and then \boxed{4", "3"),
+    (r"Answer: 12. \boxed{", "12"),
+    (r"\boxed{} the answer is 6", "6"),
+    (r"\boxed{5} \boxed{}", "5"),
+    (r"$\boxed{\text{(B)}}$", r"\text{(B)}"),
+    # GSM8K hashes
+    ("3 + 4 = 7\n#### 7", "7"),
+    ("#### 1,234\n", "1,234"),
+    ("#### \nso it is 9", "9"),
+    # 'answer is' / 'answer:' phrases
+    ("The answer is 3.5.", "3.5"),
+    ("The final answer is $\\frac{3}{4}$. I hope it is correct.", "$\\frac{3}{4}$"),
+    ("So the answer is: 42\nDone with 7 steps", "42"),
+    ("ANSWER: -2", "-2"),
+    ("The answer is 5? Yes", "5"),
+    # last-number fallback
+    ("so 1,000 apples", "1,000"),
+    ("3 cats and 3/4 of a pie", "3/4"),
+    ("it is -5.", "-5"),
+    ("the range 3-5", "5"),
+    ("1,2,3", "3"),
+    ("x = .5", ".5"),
+    ("12,34", "34"),
+    ("step 2.5 done.", "2.5"),
+    # nothing to extract
+    ("I have no idea.", None),
+    ("", None),
+    ("\\boxed{", None),
+    ("9" * 5000, None),
+]
+
+
+@pytest.mark.parametrize("text,expected", EXTRACTIONS)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+# --- math_reward and gsm8k_gold -----------------------------------------------
+
+REWARDS = [
+    (r"We get $\boxed{\frac{1}{2}}$.", "0.5", 1.0),
+    (r"We get $\boxed{\frac{1}{2}}$.", "1", 0.0),  # not cut at the first '}'
+    ("No boxed answer here, only words.", "0", 0.0),
+    ("She earns 18 dollars.\n#### 18", "18", 1.0),
+    ("The total is 1,000 apples.", "1000", 1.0),
+    ("The total is 1,000 apples.", "1", 0.0),
+    (r"\boxed{7} wait, no: \boxed{8}", "8", 1.0),
+    (r"\boxed{7} wait, no: \boxed{8}", "7", 0.0),
+    ("The answer is 50%.", "50", 1.0),
+    (r"\boxed{(1, 2)}", "(1,2)", 1.0),
+    (r"\boxed{[1, 2]}", "(1,2)", 0.0),
+    (r"\boxed{0}", "", 0.0),
+    ("", "0", 0.0),
+]
+
+
+@pytest.mark.parametrize("completion,gold,reward", REWARDS)
+def test_math_reward(completion, gold, reward):
+    assert math_reward(completion, gold) == reward
+
+
+@pytest.mark.parametrize(
+    "field,gold",
+    [
+        ("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 1,234", "1234"),
+        ("It costs $5.\n#### $5", "5"),
+        ("#### -3\n", "-3"),
+        ("#### 72", "72"),
+        ("no hashes here: 5", ""),
+        ("", ""),
+    ],
+)
+def test_gsm8k_gold(field, gold):
+    assert gsm8k_gold(field) == gold
+
+
+@pytest.mark.parametrize("bad", [None, 5, 5.0, b"5", ["5"], {"a": 1}])
+def test_non_string_input(bad):
+    assert extract_answer(bad) is None
+    assert is_equiv(bad, "5") is False and is_equiv("5", bad) is False
+    assert math_reward(bad, "5") == 0.0 and math_reward(r"\boxed{5}", bad) == 0.0
+    assert gsm8k_gold(bad) == ""
+
+
+# --- robustness: bounded time on degenerate completions -------------------------
+
+HUGE = 200_000
+DEGENERATE = [
+    "1" * HUGE,
+    "9" * HUGE,
+    "\\boxed{" + "9" * HUGE + "}",
+    "\\boxed{" * (HUGE // 7),
+    "\\boxed{1}" * (HUGE // 9),
+    "1," * (HUGE // 2),
+    "1." * (HUGE // 2),
+    "1/" * (HUGE // 2),
+    "-" * HUGE + "5",
+    "{" * HUGE,
+    "}" * HUGE,
+    "\\" * HUGE,
+    "a" * HUGE,
+    "the answer is " + "1" * HUGE,
+    "the answer is " * (HUGE // 14),
+    "#### " + "1," * (HUGE // 2),
+    "\\boxed{" + "\\text{" * (HUGE // 6) + "}",
+    "\\boxed{" + "(" * HUGE + "}",
+    "9" * (HUGE // 2) + ",5",
+    r"\boxed{1e999999999}",
+    r"\boxed{1.5\times10^{999999999}}",
+    r"\boxed{\frac{1e99999999}{1e-99999999}}",
+]
+
+
+@pytest.mark.parametrize("text", DEGENERATE, ids=lambda t: repr(t[:20]) + f"x{len(t)}")
+def test_degenerate_completion_is_fast(text):
+    start = time.perf_counter()
+    reward = math_reward(text, "1")
+    assert time.perf_counter() - start < 1.0
+    assert reward in (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ["9" * 990 + ",5", "\\text{" * 160, "(" * 500 + ")" * 500, "1," * 500, "((" * 250, "1e" + "9" * 990],
+)
+def test_worst_case_answer_within_cap_is_fast(answer):
+    start = time.perf_counter()
+    is_equiv(answer, answer)
+    assert time.perf_counter() - start < 1.0
+
+
+# --- security: model output is never evaluated -----------------------------------
+
+PAYLOADS = [
+    r"\boxed{__import__('os').system('touch pwned')}",
+    "#### __import__('os').system('touch pwned')",
+    "The answer is exec(\"open('pwned', 'w').write('x')\")",
+    r"\boxed{eval(\"__import__('os').system('touch pwned')\")}",
+    r"\boxed{().__class__.__base__.__subclasses__()}",
+    r"\boxed{Symbol('x').__class__}",
+]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_payload_is_not_executed(payload, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert math_reward(payload, "5") == 0.0
+    assert not is_equiv(payload, "5")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_module_never_evaluates_text():
+    tree = ast.parse(pathlib.Path(verifiers.__file__).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            assert node.func.id not in {"eval", "exec", "compile", "__import__"}
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
+            assert not any(name.split(".")[0] in {"sympy", "os", "subprocess"} for name in names)
+
+
+# --- fuzz: random junk never raises ---------------------------------------------------
+
+_FUZZ_TOKENS = list("0123456789{}\\()[],./-+$%=^ abxyz\n") + [
+    "\\boxed", "\\fbox", "\\frac", "\\text", "\\left", "\\right", "\\times", "10^",
+    "e9", "####", "answer is", "Answer:", "\u2212", "{,}", "\\,", "\\infty",
+]
+
+
+def test_fuzz_never_raises():
+    rng = random.Random(1234)
+    for _ in range(3000):
+        text = "".join(rng.choice(_FUZZ_TOKENS) for _ in range(rng.randint(0, 40)))
+        other = "".join(rng.choice(_FUZZ_TOKENS) for _ in range(rng.randint(0, 12)))
+        answer = extract_answer(text)
+        assert answer is None or isinstance(answer, str)
+        assert is_equiv(text, other) in (True, False)
+        assert math_reward(text, other) in (0.0, 1.0)
+        assert isinstance(gsm8k_gold(text), str)
+        if answer is not None:
+            assert is_equiv(answer, answer) in (True, False)

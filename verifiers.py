@@ -1,0 +1,379 @@
+r"""Answer extraction and equivalence for maths rewards, in plain Python.
+
+SDPG's only ground truth is the verifier. A reward that is wrong a few percent
+of the time teaches the policy the verifier's bugs, and the positive-advantage
+gate then distils from exactly those rollouts. So this module is deliberately
+conservative: when in doubt, an answer does *not* match.
+
+Public functions: extract_answer(text), is_equiv(pred, gold),
+math_reward(completion, gold) -> 1.0 or 0.0, and gsm8k_gold(answer_field).
+
+Extraction order (first rule that finds something wins):
+    1. the last complete ``\boxed{...}`` or ``\fbox{...}`` (balanced braces;
+       ``\{`` and ``\}`` are literal braces; empty boxes and a box whose
+       closing brace never comes are skipped);
+    2. the last GSM8K ``#### X`` (X is the rest of that line);
+    3. the last ``answer is X`` or ``answer: X`` (case-insensitive, so "The
+       final answer is X" counts); X runs to the end of the sentence or line;
+    4. the last number (sign, thousands separators, decimals, ``a/b``).
+Pass the *completion only*: given the prompt as well, rules 2-4 could pick up
+the prompt's own example answer.
+
+Equivalence policy
+    * Numbers are exact rationals (``fractions.Fraction``) and compared exactly,
+      with no tolerance: ``0.5 == 1/2 == \frac{1}{2}`` but ``0.333 != 1/3``, and
+      30-digit integers are exact. Every form understood here (decimals,
+      fractions, ``1e3``, ``1.5\times10^{3}``) is an exact rational, so no
+      float ever enters; a rounded decimal is a different number.
+    * Percent: the sign is dropped, so ``50% == 50`` and ``0.5 != 50%``.
+    * Units, currency and degrees are dropped: ``$18``, ``18 dollars``,
+      ``5\text{ cm}``, ``90^\circ``. A unit is a trailing alphabetic word after
+      a number, except scale words ("million", ...) and the imaginary ``i``.
+    * ``x = 5`` is compared by its right-hand side.
+    * ``(1, 2)`` and ``[1, 2)`` are ordered tuples/intervals: brackets must
+      match and elements are compared one by one. Inside brackets commas
+      always separate elements; a bare ``1,000`` (groups of exactly three
+      digits) is a thousands separator; any other bare comma list, such as
+      ``2, -3``, is a list of solutions compared as a multiset.
+    * Anything else is compared as a normalised string: LaTeX spacing,
+      ``\left``/``\right``, ``\text{}``/``\mathrm{}``, ``$`` and a trailing
+      period removed, case-insensitive when only letters remain
+      (``\text{B} == b``).
+    * An empty answer never matches anything, ``0`` included.
+
+Model output is untrusted: nothing here evaluates it (no eval, exec or
+sympy), answers longer than _MAX_ANSWER_CHARS never match, exponents are
+capped, every scan of the whole completion is linear (slower steps only ever
+see an answer of at most _MAX_ANSWER_CHARS), so even a 200 KB degenerate
+completion is scored in milliseconds. No function raises on any input.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+_MAX_ANSWER_CHARS = 1000  # longer "answers" are junk; also keeps int() well inside its limits
+_MAX_EXPONENT = 1000      # 1e999999999 would build a billion-digit integer
+_MAX_DEPTH = 5            # nesting of tuples inside tuples
+
+# --- extraction ------------------------------------------------------------
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+# "answer isn't" is no answer, hence the look-ahead
+_ANSWER_PHRASE = re.compile(r"answer is(?![a-z'])|answer:", re.IGNORECASE)
+_NUMBER_CHARS = frozenset("0123456789,./")
+# A number at the very end of a short string: optional thousands groups,
+# decimals and one '/'. Only ever run on at most _MAX_ANSWER_CHARS characters.
+_INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
+_TRAILING_NUMBER = re.compile(rf"{_INT}(?:\.\d+)?(?:/{_INT}(?:\.\d+)?)?$|\.\d+$")
+
+
+def _brace_pairs(text: str, start: int) -> dict[int, int]:
+    """Map each '{' at or after `start` to its matching '}' (one linear pass)."""
+    pairs: dict[int, int] = {}
+    stack: list[int] = []
+    i = start
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":  # skip the escaped character: \{ and \} are literal braces
+            i += 2
+            continue
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            pairs[stack.pop()] = i
+        i += 1
+    return pairs
+
+
+def _last_box(text: str) -> str | None:
+    starts = []
+    for command in _BOX_COMMANDS:
+        i = text.find(command)
+        while i != -1:
+            starts.append((i, i + len(command)))
+            i = text.find(command, i + 1)
+    if not starts:
+        return None
+    pairs = _brace_pairs(text, min(starts)[0])
+    for _, after in sorted(starts, reverse=True):
+        while after < len(text) and text[after].isspace():  # "\boxed {x}"
+            after += 1
+        close = pairs.get(after)
+        if close is not None and text[after + 1 : close].strip():
+            return text[after + 1 : close].strip()
+    return None
+
+
+def _after_hashes(text: str) -> str | None:
+    i = text.rfind("####")
+    if i == -1:
+        return None
+    return text[i + 4 :].split("\n", 1)[0].strip() or None
+
+
+def _after_phrase(text: str) -> str | None:
+    last = None
+    for last in _ANSWER_PHRASE.finditer(text):
+        pass
+    if last is None:
+        return None
+    # a window, not the whole tail: an over-long "sentence" is no answer anyway
+    rest = text[last.end() : last.end() + 2 * _MAX_ANSWER_CHARS].lstrip(" \t:").split("\n", 1)[0]
+    # end of sentence: . ? or ! followed by a space (so 3.5 survives)
+    for j, ch in enumerate(rest):
+        if ch in ".?!" and (j + 1 == len(rest) or rest[j + 1].isspace()):
+            rest = rest[:j]
+            break
+    return rest.strip() or None
+
+
+def _last_number(text: str) -> str | None:
+    end = max(text.rfind(d) for d in "0123456789") + 1
+    if end == 0:
+        return None
+    start = end
+    while start > 0 and text[start - 1] in _NUMBER_CHARS:
+        start -= 1
+    if end - start > _MAX_ANSWER_CHARS:  # a wall of digits is not an answer
+        return None
+    match = _TRAILING_NUMBER.search(text, start, end)
+    if match is None:
+        return None
+    number, begin = match.group(), match.start()
+    # a minus sign counts only when it is not a hyphen or subtraction: "3-5" -> "5"
+    if begin > 0 and text[begin - 1] in "-\u2212" and (begin == 1 or text[begin - 2] in " \t\n($=:"):
+        number = "-" + number
+    return number
+
+
+def extract_answer(text: str) -> str | None:
+    r"""Return the final answer of a completion (see the module docstring), or None.
+
+    Pass only the generated completion, never the prompt.
+
+    >>> extract_answer(r"Half of it: $\boxed{\frac{1}{2}}$.")
+    '\\frac{1}{2}'
+    >>> extract_answer("She pays 3 * 6 = 18 dollars.\n#### 18")
+    '18'
+    >>> extract_answer("I have no idea.") is None
+    True
+    """
+    if not isinstance(text, str):
+        return None
+    return _last_box(text) or _after_hashes(text) or _after_phrase(text) or _last_number(text)
+
+
+# --- normalisation -----------------------------------------------------------
+
+_UNWRAP = re.compile(r"\\(?:text|textbf|textit|textnormal|textrm|mathrm|mathbf|mathit|mbox|operatorname|boxed|fbox)\s*\{")
+_LEFT_RIGHT = re.compile(r"\\(?:left|right|displaystyle)(?![A-Za-z])")
+_DIGIT_SPACE_DIGIT = re.compile(r"(?<=\d) +(?=\d)")
+# (literal, replacement), applied in order
+_REPLACEMENTS = (
+    ("\u2212", "-"), ("\u00a0", " "), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
+    ("{,}", ""), ("\\,", " "), ("\\!", ""), ("\\;", " "), ("\\:", " "), ("\\ ", " "),
+    ("~", " "), ("\\qquad", " "), ("\\quad", " "),
+    ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\\degree", ""), ("\u00b0", ""),
+    ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""), ("\u20ac", ""), ("\u00a3", ""),
+    ("\\(", ""), ("\\)", ""), ("\\[", ""), ("\\]", ""),
+)
+# words that change the value, so "1 million" is not 1 and "3 i" is not 3
+_NOT_UNITS = frozenset({"i", "hundred", "thousand", "million", "billion", "trillion", "dozen"})
+
+
+def _unwrap_text_commands(s: str) -> str:
+    r"""'5\text{ cm}^2' -> '5  cm^2': keep the content, drop the command and braces.
+
+    The space in front separates a unit from its number: '5\text{cm}' -> '5 cm'.
+    """
+    while (m := _UNWRAP.search(s)) is not None:
+        close = _brace_pairs(s, m.end() - 1).get(m.end() - 1)
+        if close is None:  # unbalanced: drop the opener and carry on
+            s = s[: m.start()] + s[m.end() :]
+        else:
+            s = s[: m.start()] + " " + s[m.end() : close] + s[close + 1 :]
+    return s
+
+
+def _normalize(s: str) -> str:
+    if len(s) > _MAX_ANSWER_CHARS:
+        return ""
+    s = _unwrap_text_commands(s)
+    s = _LEFT_RIGHT.sub("", s)
+    for old, new in _REPLACEMENTS:
+        s = s.replace(old, new)
+    s = _DIGIT_SPACE_DIGIT.sub(",", " ".join(s.split()))  # "1\,000" -> "1 000" -> "1,000"
+    return s.rstrip(". ").strip()
+
+
+# --- numbers -------------------------------------------------------------------
+
+_DECIMAL = re.compile(rf"([+-]?)({_INT}?)(?:\.(\d+))?(?:[eE]([+-]?\d+))?")
+_POWER_OF_TEN = re.compile(r"10\^(?:\{([+-]?\d+)\}|([+-]?\d+))")
+_TIMES = ("\\times", "\\cdot", "\u00d7", "\u00b7", "*")
+_FRAC = re.compile(r"([+-]?)\\frac(?:\{([^{}]*)\}\{([^{}]*)\}|(\d)(\d))")
+
+
+def _decimal(s: str) -> Fraction | None:
+    """'-1,234.50', '1.5e3', '1.5\\times10^{3}' -> exact Fraction."""
+    exponent = 0
+    for times in _TIMES:
+        if times in s:
+            s, _, power = s.rpartition(times)
+            m = _POWER_OF_TEN.fullmatch(power)
+            if m is None:
+                return None
+            exponent = int(m.group(1) or m.group(2))
+            break
+    m = _DECIMAL.fullmatch(s)
+    if m is None or not (m.group(2) or m.group(3)) or (exponent and m.group(4)):
+        return None
+    sign, whole, frac, exp = m.groups()
+    exponent += int(exp or 0)
+    if abs(exponent) > _MAX_EXPONENT:
+        return None
+    frac = frac or ""
+    value = Fraction(int(whole.replace(",", "") + frac or "0"), 10 ** len(frac)) * Fraction(10) ** exponent
+    return -value if sign == "-" else value
+
+
+def _number(s: str) -> Fraction | None:
+    """Parse a whole, space-free string as a number, or return None."""
+    m = _FRAC.fullmatch(s)
+    if m is not None:
+        parts = (m.group(2), m.group(3)) if m.group(2) is not None else (m.group(4), m.group(5))
+        top, bottom = _decimal(parts[0]), _decimal(parts[1])
+        if top is None or not bottom:  # unparsable, or division by zero
+            return None
+        return -top / bottom if m.group(1) == "-" else top / bottom
+    if s.count("/") == 1:
+        top, bottom = (_decimal(part) for part in s.split("/"))
+        return top / bottom if top is not None and bottom else None
+    return _decimal(s)
+
+
+def _is_unit(word: str) -> bool:
+    word = word.split("^", 1)[0]  # cm^2, m^{3}
+    return word.isascii() and word.isalpha() and word.lower() not in _NOT_UNITS
+
+
+def _number_with_units(s: str) -> Fraction | None:
+    """'18 dollars' -> 18, '5 square feet' -> 5; None when s is not a number."""
+    words = s.split(" ")
+    while len(words) > 1 and _is_unit(words[-1]):
+        words.pop()
+    return _number("".join(words))
+
+
+# --- structured values ---------------------------------------------------------
+
+_OPEN, _CLOSE = "([{", ")]}"
+
+
+def _split_top_level(s: str) -> list[str] | None:
+    """Split on commas outside any brackets; None if brackets do not balance."""
+    parts, depth, last = [], 0, 0
+    for i, ch in enumerate(s):
+        if ch in _OPEN:
+            depth += 1
+        elif ch in _CLOSE:
+            depth -= 1
+            if depth < 0:
+                return None
+        elif ch == "," and depth == 0:
+            parts.append(s[last:i].strip())
+            last = i + 1
+    parts.append(s[last:].strip())
+    return parts if depth == 0 else None
+
+
+def _encloses(s: str) -> bool:
+    """Does the bracket at s[0] close at s[-1]? '(1,2)' yes, '(1)+(2)' no."""
+    depth = 0
+    for i, ch in enumerate(s):
+        depth += (ch in _OPEN) - (ch in _CLOSE)
+        if depth == 0:
+            return i == len(s) - 1
+    return False
+
+
+def _rhs(s: str) -> str:
+    """'x = 5' -> '5'; a comparison (<=, >=, !=) or 'a=1, b=2' stays whole."""
+    i = s.rfind("=")
+    if i == -1 or s[i - 1 : i] in ("<", ">", "!"):
+        return s
+    lhs = s[:i].strip()
+    if "," in lhs and not (lhs[:1] == "(" and _encloses(lhs)):
+        return s
+    return s[i + 1 :].strip()
+
+
+_Value = Fraction | str | tuple  # a number, a normalised string, or (open, close, items)
+
+
+def _value(s: str, depth: int = 0) -> _Value | None:
+    """Canonical form of a normalised answer: equal forms mean equivalent answers."""
+    s = _rhs(s)
+    if not s:
+        return None
+    if depth < _MAX_DEPTH and len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _encloses(s):
+        items = _split_top_level(s[1:-1])
+        if items is not None and len(items) == 1 and s[0] + s[-1] == "()":
+            return _value(items[0], depth + 1)  # "(5)" is just 5, "(B)" is just B
+        if items is not None and len(items) > 1:
+            values = tuple(_value(item, depth + 1) for item in items)
+            if None not in values:
+                return (s[0], s[-1], values)
+    number = _number_with_units(s)
+    if number is not None:
+        return number
+    items = _split_top_level(s)
+    if depth < _MAX_DEPTH and items is not None and len(items) > 1:
+        values = [_value(item, depth + 1) for item in items]
+        if None not in values:  # a bare list of solutions: order does not matter
+            return ("", "", tuple(sorted(values, key=repr)))
+    compact = s.replace(" ", "")
+    return compact.lower() if compact.isalpha() else compact
+
+
+def is_equiv(pred: str, gold: str) -> bool:
+    r"""Are two final answers mathematically the same? (Policy: module docstring.)
+
+    >>> is_equiv(r"\dfrac{1}{2}", "0.5"), is_equiv("1,000", "1000"), is_equiv("0.333", "1/3")
+    (True, True, False)
+    >>> is_equiv(r"\$18", "18 dollars"), is_equiv("(1, 2)", "[1,2]"), is_equiv("", "0")
+    (True, False, False)
+    """
+    if not isinstance(pred, str) or not isinstance(gold, str):
+        return False
+    a, b = _value(_normalize(pred)), _value(_normalize(gold))
+    return a is not None and a == b
+
+
+def math_reward(completion: str, gold: str) -> float:
+    r"""1.0 if the completion's final answer is equivalent to `gold`, else 0.0.
+
+    >>> math_reward(r"... so $x = \boxed{5.0}$", "5")
+    1.0
+    >>> math_reward("No boxed answer, just words.", "0")
+    0.0
+    """
+    pred = extract_answer(completion)
+    return 1.0 if pred is not None and is_equiv(pred, gold) else 0.0
+
+
+def gsm8k_gold(answer_field: str) -> str:
+    """The gold answer of a GSM8K `answer` field: the text after its last '####'.
+
+    Thousands separators and '$' are removed; '' (which matches nothing) when
+    there is no '####'.
+
+    >>> gsm8k_gold("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\\n#### 1,234")
+    '1234'
+    """
+    if not isinstance(answer_field, str) or "####" not in answer_field:
+        return ""
+    answer = answer_field.rsplit("####", 1)[1].split("\n", 1)[0]
+    return answer.replace(",", "").replace("$", "").strip().rstrip(".")
