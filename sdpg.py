@@ -79,7 +79,7 @@ class Args:
                              "[auto: 200; tiny 200] (paper: 400)")
     batch_prompts: int | None = _arg(None, "questions per step [auto: 16; tiny 16] (paper: 128)")
     group_size: int = _arg(8, "G, answers sampled per question (paper: 8)")
-    max_new_tokens: int | None = _arg(None, "longest sampled answer, in tokens [auto: 512; tiny 4] (paper: 4096)")
+    max_new_tokens: int | None = _arg(None, "longest sampled answer, in tokens [auto: 512; tiny 2] (paper: 4096)")
     temperature: float = _arg(1.0, "sampling temperature; every log-prob and KL uses it too, so p_t is the "
                               "distribution the answers were drawn from (paper: 1.0)")
     top_p: float = _arg(1.0, "nucleus sampling; below 1 the answers no longer come from p_t exactly, so "
@@ -92,7 +92,7 @@ class Args:
     micro_batch: int | None = _arg(None, "answers per forward/backward; gradients are accumulated over "
                                    "the batch, so this trades memory for nothing but speed [auto: 8; tiny 128]")
     gradient_checkpointing: bool = _arg(False, "recompute the transformer layers in the backward pass "
-                                        "(less memory, about 30%% more time)")
+                                        "(less activation memory, one more forward pass of time)")
     # SDPG terms
     beta: float = _arg(1e-3, "beta_base, weight of the gated self-distillation KL; 0 gives the "
                        "RPG/GRPO-style baseline and skips the teacher forward (paper: 1e-3)")
@@ -139,17 +139,15 @@ PRESETS = {
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """Command line -> Args, with the "auto" defaults filled in."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README.md.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README.md.")
     for f in dataclasses.fields(Args):
         flag = "--" + f.name.replace("_", "-")
         ftype = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))
+        help = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
         if ftype is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
-            parser.add_argument(flag, type=ftype, default=f.default, help=f.metadata["help"],
-                                choices=f.metadata.get("choices"))
+            parser.add_argument(flag, type=ftype, default=f.default, help=help, choices=f.metadata.get("choices"))
     args = Args(**vars(parser.parse_args(argv)))
     for name, value in PRESETS["tiny" if args.model == "tiny" else "pretrained"].items():
         if getattr(args, name) is None:
