@@ -37,14 +37,15 @@ Run it:
 """
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import re
 import shutil
+import signal
 import string
 import time
 from dataclasses import dataclass, field
@@ -121,6 +122,11 @@ class Args:
     eval_n: int | None = _arg(None, "held-out questions per evaluation [auto: 200; tiny 100]")
     save_every: int | None = _arg(None, "save a checkpoint every this many steps, 0 = only at the end "
                                   "[auto: 100; tiny 0]")
+    resume: bool = _arg(False, "continue from the newest checkpoint in --output-dir: weights, optimiser, "
+                        "schedules, RNG states and data position; give the same flags as the first run")
+    overwrite: bool = _arg(False, "start afresh in an --output-dir that holds another run, deleting its "
+                           "metrics and checkpoints")
+    keep_checkpoints: int = _arg(2, "how many of the newest checkpoint-STEP directories to keep")
     device: str = _arg("auto", "auto (cuda > mps > cpu), cuda, mps or cpu; CUDA computes in bf16 where "
                        "the card supports it, with float32 master weights")
     trust_remote_code: bool = _arg(False, "allow a Hub model to run its own Python code (off: only "
@@ -156,7 +162,23 @@ def parse_args(argv: list[str] | None = None) -> Args:
         args.beta_warmup = round(args.steps / 8)
     if args.beta_decay is None:
         args.beta_decay = round(args.steps * 7 / 8)
+    check_args(args)
     return args
+
+
+def check_args(args: Args) -> None:
+    """Refuses settings that cannot work, with one line that says what to do."""
+    for name in ("steps", "batch_prompts", "max_new_tokens", "lr", "micro_batch", "chunk_size",
+                 "updates_per_batch", "eval_n", "temperature", "keep_checkpoints"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.group_size < 2:
+        raise SystemExit("error: --group-size must be >= 2: with one answer per question the group std is "
+                         "undefined and every advantage is 0, so nothing would be learned")
+    if args.batch_prompts % args.updates_per_batch:
+        raise SystemExit("error: --batch-prompts must be a multiple of --updates-per-batch (updates take whole groups)")
+    if args.resume and args.overwrite:
+        raise SystemExit("error: give --resume or --overwrite, not both")
 
 
 # -----------------------------------------------------------------------------
@@ -187,7 +209,12 @@ def seed_everything(seed: int) -> None:
 # Models. The policy and the teacher are ONE model (two prompts); the reference is a frozen copy.
 
 SHORT_NAME_ORGS = {"Qwen": "Qwen", "SmolLM": "HuggingFaceTB"}  # 'Qwen2.5-0.5B' -> 'Qwen/Qwen2.5-0.5B'
-OFFLINE_HINT = "No network? The offline demo needs none: python sdpg.py --model tiny --dataset toy"
+OFFLINE_HINT = "(no network? the offline demo needs none: python sdpg.py --model tiny --dataset toy)"
+
+
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message, for one-line errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def build_char_tokenizer():
@@ -240,11 +267,13 @@ def load_model(name: str, seed: int, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     repo = resolve_model_name(name)
+    if name.startswith((".", "/", "~")) and not os.path.isdir(name):
+        raise SystemExit(f"error: no such model directory: {name}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: could not load model '{repo}': {str(e).strip().splitlines()[0]}\n{OFFLINE_HINT}")
+        raise SystemExit(f"error: could not load model '{repo}': {first_line(e)} {OFFLINE_HINT}")
     if tokenizer.pad_token_id is None:  # many base models have none; any id works, it is always masked
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -307,19 +336,28 @@ def load_examples(dataset: str, eval_n: int, seed: int) -> tuple[list[dict], lis
         return toy_examples(5000, seed), toy_examples(eval_n, seed + 1)
     import datasets
 
-    try:
-        if os.path.exists(dataset):
-            kind = "parquet" if dataset.endswith(".parquet") else "json"
-            rows = datasets.load_dataset(kind, data_files=dataset, split="train")
-            if len(rows) <= eval_n:
-                raise SystemExit(f"error: {dataset} has {len(rows)} rows; need more than --eval-n {eval_n}")
-            train_rows, eval_rows = rows.select(range(len(rows) - eval_n)), rows.select(range(len(rows) - eval_n, len(rows)))
-        else:
-            name, config = ("openai/gsm8k", "main") if dataset == "gsm8k" else (dataset, None)
+    if dataset.endswith((".jsonl", ".json", ".parquet")) or os.path.exists(dataset):
+        if not os.path.isfile(dataset):
+            raise SystemExit(f"error: no such dataset file: {dataset}")
+        if os.path.getsize(dataset) == 0:
+            raise SystemExit(f"error: {dataset} is empty")
+        try:
+            rows = datasets.load_dataset("parquet" if dataset.endswith(".parquet") else "json",
+                                         data_files=dataset, split="train")
+        except Exception as e:  # datasets raises many types for a malformed file
+            raise SystemExit(f"error: could not read {dataset}: {first_line(e)}")
+        if len(rows) <= eval_n:
+            raise SystemExit(f"error: {dataset} has {len(rows)} rows; it needs more than --eval-n {eval_n} "
+                             f"(the last --eval-n rows are held out for evaluation)")
+        train_rows, eval_rows = rows.select(range(len(rows) - eval_n)), rows.select(range(len(rows) - eval_n, len(rows)))
+    else:
+        name, config = ("openai/gsm8k", "main") if dataset == "gsm8k" else (dataset, None)
+        try:
             train_rows = datasets.load_dataset(name, config, split="train")
-            eval_rows = datasets.load_dataset(name, config, split="test").select(range(eval_n))
-    except (OSError, ValueError, ConnectionError) as e:
-        raise SystemExit(f"error: could not load dataset '{dataset}': {str(e).strip().splitlines()[0]}\n{OFFLINE_HINT}")
+            eval_rows = datasets.load_dataset(name, config, split="test")
+        except (OSError, ValueError, ConnectionError) as e:
+            raise SystemExit(f"error: could not load dataset '{name}': {first_line(e)} {OFFLINE_HINT}")
+        eval_rows = eval_rows.select(range(min(eval_n, len(eval_rows))))
     train = [normalise_row(r, f"{dataset} train row {i}") for i, r in enumerate(train_rows)]
     held_out = [normalise_row(r, f"{dataset} eval row {i}") for i, r in enumerate(eval_rows)]
     return train, held_out
@@ -663,7 +701,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
         with torch.no_grad():
             rb.old_logp = torch.cat([score(model, None, rb, slice(i, i + args.micro_batch), False, args, device,
                                            bf16)[0] for i in range(0, N, args.micro_batch)])  # (N, L)
-    sums = dict(loss=0.0, kl_distill=0.0, kl_ref=0.0, entropy=0.0, grad_norm=0.0)
+    sums = dict(loss=0.0, kl_distill=0.0, kl_ref=0.0, entropy=0.0, grad_norm=0.0, skipped_updates=0)
     per_update = N // args.updates_per_batch  # whole groups, checked in main()
     for u in range(0, N, per_update):
         weights = token_weights(rb.response_mask[u:u + per_update], G)  # (n, L), sums to 1 per update
@@ -684,10 +722,13 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
             if ref_logp is not None:  # k3 estimate of KL(pi_theta || pi_ref), >= 0 per token
                 log_w = (logp - ref_logp).detach()
                 sums["kl_ref"] += (w * (torch.exp(-log_w) - 1 + log_w)).sum().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        sums["grad_norm"] += grad_norm.item() / args.updates_per_batch
-        optimizer.step()
-        scheduler.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        sums["grad_norm"] += grad_norm / args.updates_per_batch
+        if math.isfinite(grad_norm) and math.isfinite(sums["loss"]):
+            optimizer.step()
+            scheduler.step()
+        else:  # a NaN/inf would poison the weights and AdamW's moments for good: skip this update
+            sums["skipped_updates"] += 1
         optimizer.zero_grad(set_to_none=True)
     sums["kl_distill"] = sums["kl_distill"] if use_teacher else None
     sums["kl_ref"] = sums["kl_ref"] if ref_model is not None else None
@@ -714,17 +755,68 @@ def evaluate(model, tokenizer, examples: list[dict], instruction: str, stop_ids:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: written to a temporary directory, then renamed, so a crash never leaves a
-# checkpoint that looks complete.
+# Checkpoints and resuming. A checkpoint is a save_pretrained directory (loadable with
+# AutoModelForCausalLM.from_pretrained) plus trainer_state.pt: optimiser, lr schedule, step, RNG
+# states and data position. It is written to a temporary directory and renamed when complete,
+# so a crash while saving never leaves a checkpoint that looks complete.
 
 
-def save_checkpoint(model, tokenizer, path: str) -> None:
+def save_checkpoint(model, tokenizer, path: str, state: dict | None = None) -> None:
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if state is not None:
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
     shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # atomic on one filesystem
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoint-STEP directories, oldest first (*.tmp ones were never finished)."""
+    names = [n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n)] if os.path.isdir(output_dir) else []
+    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[1]))]
+
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def prepare_output_dir(args: Args) -> str | None:
+    """Refuses to mix two runs in one directory. Returns the checkpoint to resume from, if any."""
+    metrics = os.path.join(args.output_dir, "metrics.jsonl")
+    if args.overwrite:
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+    elif os.path.exists(metrics) and not args.resume:
+        raise SystemExit(f"error: {args.output_dir} holds another run; add --resume to continue it, --overwrite "
+                         f"to replace it, or choose another --output-dir")
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.resume and os.path.isdir(os.path.join(args.output_dir, "final")):
+        raise SystemExit(f"{args.output_dir} holds a finished run (final/): nothing to resume")
+    found = checkpoints(args.output_dir)
+    if args.resume and not found:
+        print(f"no checkpoint in {args.output_dir}: starting from step 0")
+    return found[-1] if args.resume and found else None
+
+
+def check_prompt_lengths(model, tokenizer, examples: list[dict], instruction: str, max_new_tokens: int) -> None:
+    """Every teacher prompt (the longest view) plus an answer must fit the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    for i, ex in enumerate(examples):
+        n = len(encode_prompt(tokenizer, prompt_texts(ex, instruction)[1]))
+        if n + max_new_tokens > limit:
+            raise SystemExit(f"error: example {i}'s teacher prompt has {n} tokens; with --max-new-tokens "
+                             f"{max_new_tokens} that exceeds the model's context of {limit} tokens")
 
 
 # -----------------------------------------------------------------------------
@@ -733,67 +825,117 @@ def save_checkpoint(model, tokenizer, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.group_size < 2:
-        raise SystemExit("error: --group-size must be >= 2: with one answer per question every advantage is 0")
-    if args.batch_prompts % args.updates_per_batch:
-        raise SystemExit("error: --batch-prompts must be a multiple of --updates-per-batch (updates take whole groups)")
+    from huggingface_hub.utils import logging as hub_logging
+    hub_logging.set_verbosity_error()  # no retry warnings: a failed download is reported in one line
     device, bf16 = pick_device(args.device)
     seed_everything(args.seed)
+    resume_from = prepare_output_dir(args)
     model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f"error: the tokenizer of {args.model} has no EOS token, so answers could never end")
     model.to(device)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     stop_ids = stop_token_ids(model, tokenizer)
     # Our sampling settings replace whatever the Hub's generation_config holds (top_k, repetition
     # penalty...), which would otherwise make the answers come from another distribution than p_t.
-    from transformers import GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
     model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     ref_model = frozen_copy(model, torch.bfloat16 if bf16 else torch.float32) if args.alpha > 0 else None
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     train, held_out = load_examples(args.dataset, args.eval_n, args.seed)
     instruction = "" if args.dataset == "toy" else INSTRUCTION
+    check_prompt_lengths(model, tokenizer, train + held_out, instruction, args.max_new_tokens)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup)))
+    order = random.Random(args.seed)  # data order: a reshuffle of the training set per epoch
+    queue: list[int] = []  # indices of the training examples still to come in this epoch
+    start_step, bad_in_a_row = 1, 0
+    if resume_from:
+        # The reference model stays the INITIAL weights; only the policy comes from the checkpoint.
+        saved = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32)
+        model.load_state_dict(saved.state_dict())
+        del saved
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        order.setstate(state["order"])
+        queue, start_step, bad_in_a_row = state["queue"], state["step"] + 1, state["bad_in_a_row"]
+        set_rng_states(state["rng"])
 
-    os.makedirs(args.output_dir, exist_ok=True)
+    def checkpoint_now(step: int) -> str:
+        path = os.path.join(args.output_dir, f"checkpoint-{step}")
+        save_checkpoint(model, tokenizer, path, {
+            "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "order": order.getstate(), "queue": queue, "bad_in_a_row": bad_in_a_row, "rng": rng_states()})
+        for old in checkpoints(args.output_dir)[:-args.keep_checkpoints]:
+            shutil.rmtree(old)
+        return path
+
     with open(os.path.join(args.output_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(args), f, indent=2)
-    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(metrics_path)] if resume_from else []
+    with open(metrics_path, "w") as f:  # keep exactly the steps that the checkpoint has seen
+        f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] < start_step)
+    metrics_file = open(metrics_path, "a")
     log = lambda row: (metrics_file.write(json.dumps(row) + "\n"), metrics_file.flush())  # noqa: E731
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.model} ({n_params / 1e6:.1f}M parameters) | dataset {args.dataset} ({len(train)} train, "
-          f"{len(held_out)} held out) | device {device}{' bf16' if bf16 else ''} | output {args.output_dir}")
+          f"{len(held_out)} held out) | device {device}{' bf16' if bf16 else ''} | output {args.output_dir}"
+          + (f" | resuming at step {start_step}" if resume_from else ""))
 
     eval_batch = args.batch_prompts * args.group_size
     evaluate_now = lambda: evaluate(model, tokenizer, held_out, instruction, stop_ids, args.max_new_tokens,  # noqa: E731
                                     eval_batch, device, bf16)
-    acc = evaluate_now()
-    log({"step": 0, "eval_accuracy": acc})
-    print(f"step 0 | eval_accuracy {acc:.3f}")
+    if start_step == 1:
+        acc = evaluate_now()
+        log({"step": 0, "eval_accuracy": acc})
+        print(f"step 0 | eval_accuracy {acc:.3f}")
+
+    # Ctrl-C or SIGTERM: finish the current step, save a checkpoint, exit 0. A second Ctrl-C
+    # goes to Python's default handler and stops at once.
+    stop = []
+    def on_signal(signum, frame):
+        stop.append(signum)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        print("\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again quits at once)")
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     from tqdm import tqdm
-    order = random.Random(args.seed)
-    queue: list[dict] = []
-    for step in tqdm(range(1, args.steps + 1), desc="sdpg", dynamic_ncols=True):
-        t0 = time.time()
-        while len(queue) < args.batch_prompts:  # reshuffle the training set each epoch
-            queue += order.sample(train, len(train))
-        examples, queue = queue[:args.batch_prompts], queue[args.batch_prompts:]
-        rb = collect_rollouts(model, tokenizer, examples, args, instruction, stop_ids, device, bf16)
-        beta_k = beta_schedule(step, args.steps, args.beta, args.beta_warmup, args.beta_decay)
-        sums = policy_update(model, ref_model, optimizer, scheduler, rb, beta_k, args, device, bf16)
-        row = {"step": step, "reward_mean": rb.rewards.mean().item(), **sums, "beta": beta_k,
-               "gate_frac": (rb.advantages > 0).float().mean().item(),
-               "response_len": rb.response_mask.sum(1).float().mean().item(),
-               "lr": scheduler.get_last_lr()[0], "time_s": time.time() - t0}
-        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            row["eval_accuracy"] = evaluate_now()
-        log(row)
-        tqdm.write(format_row(row))
-        if args.save_every and step % args.save_every == 0 and step != args.steps:
-            save_checkpoint(model, tokenizer, os.path.join(args.output_dir, f"checkpoint-{step}"))
+    try:
+        for step in tqdm(range(start_step, args.steps + 1), desc="sdpg", dynamic_ncols=True,
+                         initial=start_step - 1, total=args.steps):
+            t0 = time.time()
+            while len(queue) < args.batch_prompts:
+                queue += order.sample(range(len(train)), len(train))
+            examples, queue = [train[i] for i in queue[:args.batch_prompts]], queue[args.batch_prompts:]
+            rb = collect_rollouts(model, tokenizer, examples, args, instruction, stop_ids, device, bf16)
+            beta_k = beta_schedule(step, args.steps, args.beta, args.beta_warmup, args.beta_decay)
+            sums = policy_update(model, ref_model, optimizer, scheduler, rb, beta_k, args, device, bf16)
+            row = {"step": step, "reward_mean": rb.rewards.mean().item(), **sums, "beta": beta_k,
+                   "gate_frac": (rb.advantages > 0).float().mean().item(),
+                   "response_len": rb.response_mask.sum(1).float().mean().item(),
+                   "lr": scheduler.get_last_lr()[0], "time_s": time.time() - t0}
+            if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+                row["eval_accuracy"] = evaluate_now()
+            log(row)
+            tqdm.write(format_row(row))
+            bad_in_a_row = bad_in_a_row + 1 if sums["skipped_updates"] else 0
+            if bad_in_a_row >= 3:
+                raise SystemExit(f"error: the loss or gradient was NaN/inf in {bad_in_a_row} steps in a row (those "
+                                 f"updates were skipped; the weights are intact). Try a lower --lr.")
+            if stop:
+                path = checkpoint_now(step)
+                print(f"saved {path}. To continue: python sdpg.py <the same flags> --resume")
+                return
+            if args.save_every and step % args.save_every == 0 and step != args.steps:
+                checkpoint_now(step)
+    finally:
+        metrics_file.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     save_checkpoint(model, tokenizer, os.path.join(args.output_dir, "final"))
-    metrics_file.close()
     print(f"done: final model in {os.path.join(args.output_dir, 'final')}")
 
 
