@@ -481,9 +481,10 @@ def full_vocab_reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Ten
 def _chunk_terms(h_student: Tensor, h_teacher: Tensor | None, targets: Tensor, lm_head: nn.Module,
                  temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     logits = lm_head(h_student).float() / temperature  # (C, V), the only place (C, V) logits live
-    logp_all = F.log_softmax(logits, dim=-1)  # (C, V)
-    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (C,) log p_t(y_t)
-    entropy = -(logp_all.exp() * logp_all).sum(-1).detach()  # (C,), a metric only
+    lse = torch.logsumexp(logits, dim=-1)  # (C,)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (C,) log p_t(y_t)
+    with torch.no_grad():  # a metric only: no autograd buffers for it
+        entropy = lse - (logits.softmax(dim=-1) * logits).sum(-1)  # (C,) H(p_t)
     if h_teacher is None:
         return logp, torch.zeros_like(logp), entropy
     teacher_logits = lm_head(h_teacher).float() / temperature  # (C, V), no grad: h_teacher is detached
@@ -735,6 +736,13 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
     return sums
 
 
+def build_optimizer(model: nn.Module, args: Args):
+    """AdamW with the paper's betas and a linear learning-rate warm-up, then constant."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup)))
+    return optimizer, scheduler
+
+
 # -----------------------------------------------------------------------------
 # Evaluation: greedy pass@1 on held-out questions.
 
@@ -833,21 +841,22 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"error: the tokenizer of {args.model} has no EOS token, so answers could never end")
-    model.to(device)
     stop_ids = stop_token_ids(model, tokenizer)
     # Our sampling settings replace whatever the Hub's generation_config holds (top_k, repetition
     # penalty...), which would otherwise make the answers come from another distribution than p_t.
     from transformers import AutoModelForCausalLM, GenerationConfig
     model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-    ref_model = frozen_copy(model, torch.bfloat16 if bf16 else torch.float32) if args.alpha > 0 else None
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    # The copy is made on the CPU, so the device never holds two float32 models at once.
+    ref_model = frozen_copy(model, torch.bfloat16 if bf16 else torch.float32).to(device) if args.alpha > 0 else None
+    model.to(device)
+    if args.gradient_checkpointing:  # transformers 5.2x renamed gradient_ to activation_checkpointing
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     train, held_out = load_examples(args.dataset, args.eval_n, args.seed)
     instruction = "" if args.dataset == "toy" else INSTRUCTION
     check_prompt_lengths(model, tokenizer, train + held_out, instruction, args.max_new_tokens)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup)))
+    optimizer, scheduler = build_optimizer(model, args)
     order = random.Random(args.seed)  # data order: a reshuffle of the training set per epoch
     queue: list[int] = []  # indices of the training examples still to come in this epoch
     start_step, bad_in_a_row = 1, 0

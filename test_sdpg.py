@@ -369,6 +369,47 @@ def test_one_training_step_changes_weights_and_writes_metrics(tmp_path):
     assert all(changed)
 
 
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
+    run = SMALL_RUN + ["--steps", "2"]
+    sdpg.main(run + ["--output-dir", str(tmp_path / "plain")])
+    sdpg.main(run + ["--output-dir", str(tmp_path / "ckpt"), "--gradient-checkpointing"])
+    for a, b in zip(_comparable(_rows(tmp_path / "plain" / "metrics.jsonl")),
+                    _comparable(_rows(tmp_path / "ckpt" / "metrics.jsonl"))):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+
+
+def test_benchmark_smoke(tmp_path):
+    """The benchmark runs end to end at the tiny shape and writes every row with finite, positive numbers."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, os.path.join(HERE, "benchmarks", "bench_sdpg.py"), "--shape", "tiny", "--device", "cpu",
+           "--prompt-len", "8", "--context-len", "8", "--response-len", "16", "--steps", "1",
+           "--rollout-prompts", "2", "--rollout-tokens", "8", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| step | mode | grad ckpt |" in proc.stdout and "tokens/s" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["meta"]["shape"] == "tiny" and "--shape tiny" in result["meta"]["command"]
+    rows = result["rows"]
+    positive = lambda x: isinstance(x, float) and math.isfinite(x) and x > 0  # noqa: E731
+
+    updates = {(r["mode"], r["grad_ckpt"]): r for r in rows if r["kind"] == "update"}
+    assert set(updates) == {("GRPO", False), ("GRPO", True), ("SDPG", False), ("SDPG", True)}
+    (whole,) = [r for r in rows if r["kind"] == "whole_step"]
+    for r in [*updates.values(), whole]:
+        assert positive(r["time_s"]) and positive(r["peak_gib"]), r
+    ratios = [r for r in rows if r["kind"] == "update_ratio"]
+    assert sorted(r["grad_ckpt"] for r in ratios) == [False, True]
+    assert all(positive(r["time_ratio"]) for r in ratios)
+
+    rollouts = {r["sampler"]: r for r in rows if r["kind"] == "rollout"}
+    assert set(rollouts) == {"sdpg.generate", "model.generate"}
+    for r in rollouts.values():
+        assert r["sequences"] == 2 * 8 and r["new_tokens"] == 8, r  # 2 prompts x G = 8, full length
+        assert positive(r["time_s"]) and positive(r["tokens_per_s"]), r
+    (ratio,) = [r for r in rows if r["kind"] == "rollout_ratio"]
+    assert positive(ratio["throughput_ratio"])
+
+
 def _demo(tmp_path, extra=()):
     out = tmp_path / "demo"
     sdpg.main(["--model", "tiny", "--dataset", "toy", "--output-dir", str(out), *extra])

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU checks, in one go (about 5 minutes on one H100): the benchmark at the Qwen2.5-0.5B shape,
+# then sdpg.py end to end on CUDA with a Qwen2.5-0.5B-shaped random model saved to disk (no download:
+# the character tokenizer stands in for Qwen's), then the offline demo on the GPU.
+# Usage: bash benchmarks/gpu_check.sh OUTPUT_DIR
+set -uo pipefail
+out=${1:-gpu_check_out}; mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+python3 benchmarks/bench_sdpg.py --shape qwen2.5-0.5b --json "$out/bench.json" 2>&1 | tee "$out/bench.md"
+
+python3 - <<'PY'
+import sdpg
+from transformers import AutoModelForCausalLM, Qwen2Config
+tok = sdpg.build_char_tokenizer()
+config = Qwen2Config(vocab_size=len(tok), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                     tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+AutoModelForCausalLM.from_config(config).save_pretrained("/tmp/qwen-shape")
+tok.save_pretrained("/tmp/qwen-shape")
+PY
+python3 sdpg.py --model /tmp/qwen-shape --dataset toy --steps 4 --batch-prompts 8 --max-new-tokens 64 \
+  --eval-n 16 --eval-every 2 --save-every 2 --gradient-checkpointing --output-dir "$out/e2e" 2>&1 \
+  | grep -v "it/s\]" | tee "$out/e2e.log"
+python3 -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('$out/e2e/final'); print('final checkpoint loads')"
+rm -rf "$out/e2e/final" "$out/e2e"/checkpoint-*  # large; the log and metrics are what we keep
+
+( time python3 sdpg.py --model tiny --dataset toy --output-dir /tmp/demo ) 2>&1 | grep -v "it/s\]" | tail -4 | tee "$out/demo.log"
