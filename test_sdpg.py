@@ -887,3 +887,17 @@ def test_tokenizer_without_eos_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(sdpg, "load_model", no_eos)
     with pytest.raises(SystemExit, match="no EOS token"):
         sdpg.main(["--model", "tiny", "--output-dir", str(tmp_path)])
+
+
+def test_bf16_sampler_follows_the_policy(tiny):
+    model, _ = tiny
+    model = sdpg.build_tiny_model(sdpg.build_char_tokenizer(), seed=3)
+    sampler = sdpg.make_sampler(model, bf16=True)
+    assert sampler is not model and next(sampler.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    sdpg.refresh_sampler(sampler, model)
+    for a, b in zip(sampler.state_dict().values(), model.state_dict().values()):
+        torch.testing.assert_close(a, b.to(torch.bfloat16))
+    assert sdpg.make_sampler(model, bf16=False) is model

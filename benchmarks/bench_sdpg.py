@@ -68,7 +68,8 @@ def parse_cli(argv=None) -> argparse.Namespace:
     p.add_argument("--rollout-tokens", type=int, default=128, help="new tokens of the rollout measurement")
     p.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
     p.add_argument("--skip-rollout", action="store_true")
-    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-train", action="store_true", help="no update rows and no whole-step row")
+    p.add_argument("--skip-update", action="store_true", help="no update rows (the whole-step row still runs)")
     return p.parse_args(argv)
 
 
@@ -199,10 +200,12 @@ def whole_step_row(model, rb, opts, stop_ids, pad_id, device, bf16) -> dict:
         sdpg.policy_update(model, ref, opt, sched, rb, args.beta, args, device, bf16)  # AdamW state, as from step 2
         free_and_reset_peak(device)
 
+        sampler = sdpg.make_sampler(model, bf16)  # as sdpg.main: a bf16 copy on CUDA
+
         def step():  # what collect_rollouts + policy_update do, minus tokenising and the verifier
-            model.eval()
+            sdpg.refresh_sampler(sampler, model)
             with sdpg.autocast(device, bf16):
-                resp, mask = sdpg.generate(model, rb.prompt_ids, rb.prompt_mask, args.max_new_tokens,
+                resp, mask = sdpg.generate(sampler, rb.prompt_ids, rb.prompt_mask, args.max_new_tokens,
                                            args.temperature, args.top_p, stop_ids, pad_id)
             sdpg.policy_update(model, ref, opt, sched, dataclasses.replace(rb, response_ids=resp, response_mask=mask),
                                args.beta, args, device, bf16)
@@ -225,14 +228,16 @@ def rollout_rows(model, opts, vocab, stop_ids, pad_id, device, bf16) -> list[dic
     mask = torch.ones_like(ids)
     set_grad_ckpt(model, False)
     model.eval()
+    sampler = sdpg.make_sampler(model, bf16)  # as sdpg.main: a bf16 copy on CUDA, the model itself elsewhere
 
-    def ours():
+    def ours():  # what a training step does: refresh the sampler's weights, then one batched call
+        sdpg.refresh_sampler(sampler, model)
         with sdpg.autocast(device, bf16):
-            return sdpg.generate(model, ids, mask, T, args.temperature, args.top_p, stop_ids, pad_id)[0]
+            return sdpg.generate(sampler, ids, mask, T, args.temperature, args.top_p, stop_ids, pad_id)[0]
 
-    def bare():  # the same sampling settings as sdpg.generate passes
+    def bare():  # the same model and sampling settings, straight into transformers
         with sdpg.autocast(device, bf16):
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T, do_sample=True,
+            out = sampler.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T, do_sample=True,
                                  temperature=args.temperature, top_p=args.top_p, top_k=0,
                                  eos_token_id=stop_ids, pad_token_id=pad_id)
             return out[:, ids.shape[1]:]
@@ -322,7 +327,7 @@ def main(argv=None) -> None:
         print("rollout rows done", flush=True)
     if not opts.skip_train:
         rb = random_batch(opts, vocab, device)
-        for grad_ckpt in (False, True):
+        for grad_ckpt in () if opts.skip_update else (False, True):
             grpo = update_row(model, rb, opts, "GRPO", grad_ckpt, device, bf16)
             sdpg_row = update_row(model, rb, opts, "SDPG", grad_ckpt, device, bf16)
             rows += [grpo, sdpg_row, dict(kind="update_ratio", grad_ckpt=grad_ckpt,
