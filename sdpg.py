@@ -77,8 +77,8 @@ class Args:
                                ".jsonl/.json/.parquet file or a Hub id with fields question, answer and optional "
                                "solution [auto: toy for --model tiny, else gsm8k]")
     steps: int | None = _arg(None, "training steps; each samples a fresh batch of rollouts "
-                             "[auto: 200; tiny 200] (paper: 400)")
-    batch_prompts: int | None = _arg(None, "questions per step [auto: 16; tiny 16] (paper: 128)")
+                             "[auto: 200] (paper: 400)")
+    batch_prompts: int | None = _arg(None, "questions per step [auto: 16] (paper: 128)")
     group_size: int = _arg(8, "G, answers sampled per question (paper: 8)")
     max_new_tokens: int | None = _arg(None, "longest sampled answer, in tokens [auto: 512; tiny 2] (paper: 4096)")
     temperature: float = _arg(1.0, "sampling temperature; every log-prob and KL uses it too, so p_t is the "
@@ -91,7 +91,7 @@ class Args:
     lr_warmup: int = _arg(10, "optimiser steps of linear learning-rate warm-up (paper: 10)")
     max_grad_norm: float = _arg(1.0, "gradient-norm clip (paper: 1.0)")
     micro_batch: int | None = _arg(None, "answers per forward/backward; gradients are accumulated over "
-                                   "the batch, so this trades memory for nothing but speed [auto: 8; tiny 128]")
+                                   "the batch, so it changes memory and speed, not the result [auto: 8; tiny 128]")
     gradient_checkpointing: bool = _arg(False, "recompute the transformer layers in the backward pass "
                                         "(less activation memory, one more forward pass of time)")
     # SDPG terms
@@ -107,18 +107,20 @@ class Args:
     kl_mode: str = _arg("urkl", "per-token reference-KL surrogate (Appendix A.2): urkl (the authors' "
                         "default), ufkl (best in the paper's tables), fkl, rkl",
                         choices=("urkl", "ufkl", "fkl", "rkl"))
-    updates_per_batch: int = _arg(1, "optimiser steps per batch of rollouts; 1 is exactly on-policy, more "
-                                  "uses the importance ratio with the dual clip of Appendix A.3")
+    updates_per_batch: int = _arg(1, "split each batch of rollouts into this many optimiser steps; 1 is exactly "
+                                  "on-policy; with more, later steps see answers from an older policy and use the "
+                                  "importance ratio with the dual clip of Appendix A.3")
     clip_low: float = _arg(0.2, "PPO clip eps_low, used only when --updates-per-batch > 1 (paper: 0.2)")
     clip_high: float = _arg(0.28, "PPO clip eps_high, used only when --updates-per-batch > 1 (paper: 0.28)")
-    clip_c: float = _arg(10.0, "dual-clip bound c for negative advantages (paper: 10)")
+    clip_c: float = _arg(10.0, "dual-clip bound c for negative advantages, used only when --updates-per-batch > 1 "
+                         "(paper: 10)")
     chunk_size: int = _arg(256, "response tokens per vocabulary chunk: peak memory of the exact KL grows "
                            "with chunk_size x vocabulary size, not with the whole batch")
     # run
     seed: int = _arg(0, "seed for data order, sampling and the tiny model's initial weights")
     output_dir: str = _arg("runs/sdpg", "where config.json, metrics.jsonl and checkpoints go")
     eval_every: int | None = _arg(None, "greedy pass@1 on held-out questions every this many steps, 0 = "
-                                  "only before and after training [auto: 50; tiny 50]")
+                                  "only before and after training [auto: 50]")
     eval_n: int | None = _arg(None, "held-out questions per evaluation [auto: 200; tiny 100]")
     save_every: int | None = _arg(None, "save a checkpoint every this many steps, 0 = only at the end "
                                   "[auto: 100; tiny 0]")
@@ -145,7 +147,9 @@ PRESETS = {
 
 def parse_args(argv: list[str] | None = None) -> Args:
     """Command line -> Args, with the "auto" defaults filled in."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README.md.")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README.md.",
+                                     epilog="examples:\n" + __doc__.split("Run it:\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Args):
         flag = "--" + f.name.replace("_", "-")
         ftype = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))
@@ -295,8 +299,14 @@ def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
 
 
 def frozen_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """pi_ref: the initial weights, frozen. Stored in the compute dtype (bf16 on CUDA) to save memory."""
-    ref = copy.deepcopy(model).to(dtype).eval()
+    """A frozen copy with its parameters in `dtype` (bf16 on CUDA, to save memory).
+
+    Only the parameters are cast, not the buffers: RoPE's inverse frequencies in bf16 would put
+    position 1,000 off by most of a radian, and the copy would be another model.
+    """
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():  # tied weights are one Parameter, cast once
+        p.data = p.data.to(dtype)
     ref.requires_grad_(False)
     return ref
 
@@ -419,6 +429,16 @@ def response_mask_from_stops(response_ids: Tensor, stop_ids: list[int]) -> Tenso
     return (stops_before == 0).long()
 
 
+def decode_responses(tokenizer, response_ids: Tensor, response_mask: Tensor) -> list[str]:
+    """(N, L) ids and mask -> N strings, each decoded from its own tokens only.
+
+    Never decode `ids * mask`: the zeros become token 0, which in Qwen's vocabulary is "!" and would
+    turn "#### 18" into "#### 18!!!!" and a right answer into reward 0.
+    """
+    return [tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
+            for ids, m in zip(response_ids, response_mask)]
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int,
              temperature: float, top_p: float, stop_ids: list[int], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -440,8 +460,10 @@ def generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_
 # Sampling from float32 weights under bf16 autocast re-casts every weight at every new token: on
 # an H200 that made decoding 2.8x slower than bf16 weights (51 vs 18 ms per token for 16 answers,
 # benchmarks/sampling_dtype.py). So on CUDA the answers come from a bf16 copy of the policy whose
-# weights are refreshed from the float32 master weights before each rollout: the same numbers
-# that autocast would compute, for 2 bytes per parameter of extra memory.
+# weights are refreshed from the float32 master weights before each rollout, for 2 bytes per
+# parameter of extra memory. The copy is close to, not bit-identical with, the autocast forward
+# that scores the answers (autocast keeps norms and the residual stream in float32): like every
+# RL system with a separate inference engine, the rollouts are on-policy up to bf16 rounding.
 def make_sampler(model: nn.Module, bf16: bool) -> nn.Module:
     """The model that generates: a frozen bf16 copy when computing in bf16, else the model itself."""
     return frozen_copy(model, torch.bfloat16) if bf16 else model
@@ -500,6 +522,7 @@ def full_vocab_reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Ten
 
 def _chunk_terms(h_student: Tensor, h_teacher: Tensor | None, targets: Tensor, lm_head: nn.Module,
                  temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk of chunked_token_terms: (C, H) hidden states -> (C,) log p, KL (0 without teacher), entropy."""
     logits = lm_head(h_student).float() / temperature  # (C, V), the only place (C, V) logits live
     lse = torch.logsumexp(logits, dim=-1)  # (C,)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (C,) log p_t(y_t)
@@ -507,7 +530,8 @@ def _chunk_terms(h_student: Tensor, h_teacher: Tensor | None, targets: Tensor, l
         entropy = lse - (logits.softmax(dim=-1) * logits).sum(-1)  # (C,) H(p_t)
     if h_teacher is None:
         return logp, torch.zeros_like(logp), entropy
-    teacher_logits = lm_head(h_teacher).float() / temperature  # (C, V), no grad: h_teacher is detached
+    with torch.no_grad():  # the teacher is a stop-gradient target: no graph for its (C, V) logits
+        teacher_logits = lm_head(h_teacher).float() / temperature  # (C, V)
     return logp, full_vocab_reverse_kl(logits, teacher_logits), entropy
 
 
@@ -660,7 +684,7 @@ class Rollouts:
     response_mask: Tensor  # (N, L) 1 up to and including the first stop token
     rewards: Tensor  # (N,)
     advantages: Tensor  # (N,)
-    old_logp: Tensor | None = None  # (N, L) log-probs under the rollout policy, when updates_per_batch > 1
+    old_logp: Tensor | None = None  # (N, L) log-probs before this batch's first update, if updates_per_batch > 1
 
 
 def collect_rollouts(sampler, tokenizer, examples: list[dict], args: Args, instruction: str, stop_ids: list[int],
@@ -676,7 +700,7 @@ def collect_rollouts(sampler, tokenizer, examples: list[dict], args: Args, instr
     with autocast(device, bf16):
         response_ids, response_mask = generate(sampler, prompt_ids, prompt_mask, args.max_new_tokens,
                                                args.temperature, args.top_p, stop_ids, tokenizer.pad_token_id)
-    completions = tokenizer.batch_decode(response_ids * response_mask, skip_special_tokens=True)
+    completions = decode_responses(tokenizer, response_ids, response_mask)
     golds = [ex["answer"] for ex in examples for _ in range(G)]
     rewards = torch.tensor([math_reward(c, g) for c, g in zip(completions, golds)], device=device)  # (N,)
     return Rollouts(prompt_ids, prompt_mask, teacher_ids, teacher_mask, response_ids, response_mask,
@@ -724,9 +748,10 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
             rb.old_logp = torch.cat([score(model, None, rb, slice(i, i + args.micro_batch), False, args, device,
                                            bf16)[0] for i in range(0, N, args.micro_batch)])  # (N, L)
     sums = dict(loss=0.0, kl_distill=0.0, kl_ref=0.0, entropy=0.0, grad_norm=0.0, skipped_updates=0)
-    per_update = N // args.updates_per_batch  # whole groups, checked in main()
+    per_update = N // args.updates_per_batch  # whole groups, checked in check_args()
     for u in range(0, N, per_update):
         weights = token_weights(rb.response_mask[u:u + per_update], G)  # (n, L), sums to 1 per update
+        update_loss = 0.0
         for i in range(u, u + per_update, args.micro_batch):
             rows = slice(i, min(i + args.micro_batch, u + per_update))
             logp, kl, ref_logp, entropy = score(model, ref_model, rb, rows, use_teacher, args, device, bf16)
@@ -735,9 +760,10 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
             loss = sdpg_loss(logp, old_logp, kl, ref_logp, rb.advantages[rows], w, beta_k, args.alpha,
                              args.kl_mode, args.clip_low, args.clip_high, args.clip_c)
             loss.backward()
+            update_loss += loss.item()
             # Metrics, token-averaged over the whole batch (w / updates sums to 1 over everything).
             w = w / args.updates_per_batch
-            sums["loss"] += loss.item() / args.updates_per_batch
+            sums["loss"] += loss.item() / args.updates_per_batch  # the mean over updates
             sums["entropy"] += (w * entropy).sum().item()
             if kl is not None:
                 sums["kl_distill"] += (w * kl.detach()).sum().item()
@@ -746,7 +772,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
                 sums["kl_ref"] += (w * (torch.exp(-log_w) - 1 + log_w)).sum().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
         sums["grad_norm"] += grad_norm / args.updates_per_batch
-        if math.isfinite(grad_norm) and math.isfinite(sums["loss"]):
+        if math.isfinite(grad_norm) and math.isfinite(update_loss):
             optimizer.step()
             scheduler.step()
         else:  # a NaN/inf would poison the weights and AdamW's moments for good: skip this update
@@ -770,6 +796,7 @@ def build_optimizer(model: nn.Module, args: Args):
 
 def evaluate(model, tokenizer, examples: list[dict], instruction: str, stop_ids: list[int], max_new_tokens: int,
              batch_size: int, device, bf16) -> float:
+    """Greedy pass@1: the fraction of held-out questions whose greedy answer the verifier accepts."""
     model.eval()
     correct = 0.0
     for i in range(0, len(examples), batch_size):
@@ -778,7 +805,7 @@ def evaluate(model, tokenizer, examples: list[dict], instruction: str, stop_ids:
                              tokenizer.pad_token_id, device)
         with autocast(device, bf16):
             resp, resp_mask = generate(model, ids, mask, max_new_tokens, 0.0, 1.0, stop_ids, tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(resp * resp_mask, skip_special_tokens=True)
+        texts = decode_responses(tokenizer, resp, resp_mask)
         correct += sum(math_reward(t, ex["answer"]) for t, ex in zip(texts, batch))
     return correct / max(1, len(examples))
 
@@ -836,16 +863,31 @@ def prepare_output_dir(args: Args) -> str | None:
     return found[-1] if args.resume and found else None
 
 
-def check_prompt_lengths(model, tokenizer, examples: list[dict], instruction: str, max_new_tokens: int) -> None:
-    """Every teacher prompt (the longest view) plus an answer must fit the model's context."""
+def check_prompt_lengths(model, tokenizer, examples: list[dict], instruction: str, max_new_tokens: int,
+                         teacher: bool) -> None:
+    """Every prompt (the teacher's, the longest view, when there is a teacher) plus an answer must
+    fit the model's context."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is None:
         return
     for i, ex in enumerate(examples):
-        n = len(encode_prompt(tokenizer, prompt_texts(ex, instruction)[1]))
+        n = len(encode_prompt(tokenizer, prompt_texts(ex, instruction)[1 if teacher else 0]))
         if n + max_new_tokens > limit:
-            raise SystemExit(f"error: example {i}'s teacher prompt has {n} tokens; with --max-new-tokens "
+            raise SystemExit(f"error: example {i}'s {'teacher ' if teacher else ''}prompt has {n} tokens; with --max-new-tokens "
                              f"{max_new_tokens} that exceeds the model's context of {limit} tokens")
+
+
+def check_output_head(model, tokenizer, device: torch.device) -> None:
+    """Scoring computes logits as lm_head(final hidden state). Some architectures change the logits
+    after that (Gemma-2's soft-capping, Cohere's logit scale): refuse them rather than score answers
+    from another distribution than the one they were sampled from."""
+    ids = torch.tensor([tokenizer("1 + 1 =").input_ids], device=device)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0, -1].float()
+        ours = model.get_output_embeddings()(model.base_model(input_ids=ids).last_hidden_state[0, -1]).float()
+    if not torch.allclose(full, ours, rtol=1e-3, atol=1e-3):
+        raise SystemExit("error: this model transforms its logits after the output layer (soft-capping or "
+                         "scaling), which sdpg.py's scoring does not reproduce; use a Qwen, Llama or SmolLM model")
 
 
 # -----------------------------------------------------------------------------
@@ -876,7 +918,8 @@ def main(argv: list[str] | None = None) -> None:
         enable()
     train, held_out = load_examples(args.dataset, args.eval_n, args.seed)
     instruction = "" if args.dataset == "toy" else INSTRUCTION
-    check_prompt_lengths(model, tokenizer, train + held_out, instruction, args.max_new_tokens)
+    check_prompt_lengths(model, tokenizer, train + held_out, instruction, args.max_new_tokens, args.beta > 0)
+    check_output_head(model, tokenizer, device)
 
     optimizer, scheduler = build_optimizer(model, args)
     order = random.Random(args.seed)  # data order: a reshuffle of the training set per epoch

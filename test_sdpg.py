@@ -232,6 +232,17 @@ def test_response_mask_when_pad_equals_eos():
     assert sdpg.response_mask_from_stops(torch.tensor([[4, 9, 3, 9]]), [3, 9]).tolist() == [[1, 1, 0, 0]]
 
 
+def test_decoding_uses_only_each_answers_own_tokens():
+    tok = sdpg.build_char_tokenizer()
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    # after the stop token the rows hold ordinary characters ("!"), as generate()'s padding or a
+    # multiplication by the mask (token 0 is "!" in Qwen's vocabulary) would leave them
+    rows = torch.tensor([ids("18") + [tok.eos_token_id] + ids("!!"), ids("7!!!!")])
+    mask = sdpg.response_mask_from_stops(rows, [tok.eos_token_id])
+    mask[1, 1:] = 0
+    assert sdpg.decode_responses(tok, rows, mask) == ["18", "7"]
+
+
 def _logp_alone(model, prompt, response):
     ids = torch.tensor([prompt + response])
     logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
@@ -900,4 +911,7 @@ def test_bf16_sampler_follows_the_policy(tiny):
     sdpg.refresh_sampler(sampler, model)
     for a, b in zip(sampler.state_dict().values(), model.state_dict().values()):
         torch.testing.assert_close(a, b.to(torch.bfloat16))
+    # buffers (RoPE's inverse frequencies) stay float32: in bf16 the copy would be another model
+    for (name, a), (_, b) in zip(sampler.named_buffers(), model.named_buffers()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
     assert sdpg.make_sampler(model, bf16=False) is model
