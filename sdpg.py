@@ -37,6 +37,7 @@ Run it:
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -863,6 +864,48 @@ def prepare_output_dir(args: Args) -> str | None:
     return found[-1] if args.resume and found else None
 
 
+def restore_checkpoint(path: str, model, optimizer, scheduler, order: random.Random) -> dict:
+    """Loads a checkpoint into the policy and the trainer; returns its trainer state. The reference
+    model is not touched: it stays the INITIAL weights."""
+    from transformers import AutoModelForCausalLM
+
+    model.load_state_dict(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict())
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    order.setstate(state["order"])
+    set_rng_states(state["rng"])
+    return state
+
+
+def open_metrics(path: str, first_step: int):
+    """Opens metrics.jsonl for appending, after dropping rows of steps >= first_step (a resumed run
+    repeats the steps after its checkpoint, and every step must appear exactly once)."""
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] < first_step)
+    return open(path, "a")
+
+
+@contextlib.contextmanager
+def catch_interrupts():
+    """Ctrl-C or SIGTERM: yields a list that gets the signal, so the loop can finish its step and
+    save. A second Ctrl-C goes to Python's default handler and stops at once."""
+    stop: list[int] = []
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        print("\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again quits at once)")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def check_prompt_lengths(model, tokenizer, examples: list[dict], instruction: str, max_new_tokens: int,
                          teacher: bool) -> None:
     """Every prompt (the teacher's, the longest view, when there is a teacher) plus an answer must
@@ -907,7 +950,7 @@ def main(argv: list[str] | None = None) -> None:
     stop_ids = stop_token_ids(model, tokenizer)
     # Our sampling settings replace whatever the Hub's generation_config holds (top_k, repetition
     # penalty...), which would otherwise make the answers come from another distribution than p_t.
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
     model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     # The copy is made on the CPU, so the device never holds two float32 models at once.
     ref_model = frozen_copy(model, torch.bfloat16 if bf16 else torch.float32).to(device) if args.alpha > 0 else None
@@ -926,16 +969,8 @@ def main(argv: list[str] | None = None) -> None:
     queue: list[int] = []  # indices of the training examples still to come in this epoch
     start_step, bad_in_a_row = 1, 0
     if resume_from:
-        # The reference model stays the INITIAL weights; only the policy comes from the checkpoint.
-        saved = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32)
-        model.load_state_dict(saved.state_dict())
-        del saved
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        order.setstate(state["order"])
+        state = restore_checkpoint(resume_from, model, optimizer, scheduler, order)
         queue, start_step, bad_in_a_row = state["queue"], state["step"] + 1, state["bad_in_a_row"]
-        set_rng_states(state["rng"])
 
     def checkpoint_now(step: int) -> str:
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
@@ -948,11 +983,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with open(os.path.join(args.output_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(args), f, indent=2)
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    rows = [json.loads(line) for line in open(metrics_path)] if resume_from else []
-    with open(metrics_path, "w") as f:  # keep exactly the steps that the checkpoint has seen
-        f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] < start_step)
-    metrics_file = open(metrics_path, "a")
+    metrics_file = open_metrics(os.path.join(args.output_dir, "metrics.jsonl"), start_step)
     log = lambda row: (metrics_file.write(json.dumps(row) + "\n"), metrics_file.flush())  # noqa: E731
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.model} ({n_params / 1e6:.1f}M parameters) | dataset {args.dataset} ({len(train)} train, "
@@ -967,17 +998,8 @@ def main(argv: list[str] | None = None) -> None:
         log({"step": 0, "eval_accuracy": acc})
         print(f"step 0 | eval_accuracy {acc:.3f}")
 
-    # Ctrl-C or SIGTERM: finish the current step, save a checkpoint, exit 0. A second Ctrl-C
-    # goes to Python's default handler and stops at once.
-    stop = []
-    def on_signal(signum, frame):
-        stop.append(signum)
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-        print("\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again quits at once)")
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-
     from tqdm import tqdm
-    try:
+    with catch_interrupts() as stop, metrics_file:
         for step in tqdm(range(start_step, args.steps + 1), desc="sdpg", dynamic_ncols=True,
                          initial=start_step - 1, total=args.steps):
             t0 = time.time()
@@ -1007,10 +1029,6 @@ def main(argv: list[str] | None = None) -> None:
                 return
             if args.save_every and step % args.save_every == 0 and step != args.steps:
                 checkpoint_now(step)
-    finally:
-        metrics_file.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     save_checkpoint(model, tokenizer, os.path.join(args.output_dir, "final"))
     print(f"done: final model in {os.path.join(args.output_dir, 'final')}")
 
