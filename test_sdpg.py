@@ -421,6 +421,31 @@ def test_benchmark_smoke(tmp_path):
     assert positive(ratio["throughput_ratio"])
 
 
+def test_compare_harness_smoke(tmp_path):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, os.path.join(HERE, "benchmarks", "compare.py"), "--out", str(out), "--seeds", "0",
+           "--variants", "sdpg-urkl", "beta0-alpha0", "--", "--model", "tiny", "--steps", "3", "--eval-n", "8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"sdpg-urkl", "beta0-alpha0"}
+    assert all(0.0 <= s[0]["final_eval"] <= 1.0 for s in summary.values())
+    # the ablation really ran without the teacher and the anchor
+    rows = _rows(out / "beta0-alpha0" / "seed0" / "metrics.jsonl")
+    assert rows[1]["kl_distill"] is None and rows[1]["kl_ref"] is None
+
+
+def test_generated_word_problems_are_right():
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    from prepare_smollm2 import make_problems
+
+    problems = make_problems(200, seed=0)
+    assert len({p["question"] for p in problems}) > 150
+    for p in problems:
+        assert math_reward(p["solution"], p["answer"]) == 1.0, p
+        assert p["answer"] not in p["question"].split()
+
+
 def _demo(tmp_path, extra=()):
     out = tmp_path / "demo"
     sdpg.main(["--model", "tiny", "--dataset", "toy", "--output-dir", str(out), *extra])

