@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, in one go (about 5 minutes on one H100): the benchmark at the Qwen2.5-0.5B shape,
+# The GPU checks, in one go (280 s on one H200, 2026-11-27): the benchmark at the Qwen2.5-0.5B shape,
 # then sdpg.py end to end on CUDA with a Qwen2.5-0.5B-shaped random model saved to disk (no download:
 # the character tokenizer stands in for Qwen's), then the offline demo on the GPU.
 # Usage: bash benchmarks/gpu_check.sh OUTPUT_DIR
