@@ -50,6 +50,7 @@ import signal
 import string
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -708,11 +709,16 @@ def collect_rollouts(sampler, tokenizer, examples: list[dict], args: Args, instr
                     rewards, group_advantages(rewards, G))
 
 
-def score(model, ref_model, rb: Rollouts, rows: slice, use_teacher: bool, args: Args, device, bf16):
-    """Student (with grad if enabled), teacher and reference terms for rows of the batch.
+class TokenTerms(NamedTuple):
+    """Per-token (n, L) terms of some rows of the batch; zeros at padding."""
+    logp: Tensor  # log p_t(y_t), student, with grad when grad is enabled
+    kl_distill: Tensor | None  # KL(p_t || q_t) against the privileged teacher; None without teacher
+    ref_logp: Tensor | None  # log pi_ref(y_t); None without reference model
+    entropy: Tensor  # H(p_t), a metric
 
-    Returns per-token (n, L) tensors: logp, kl_distill or None, ref_logp or None, entropy.
-    """
+
+def score(model, ref_model, rb: Rollouts, rows: slice, use_teacher: bool, args: Args, device, bf16) -> TokenTerms:
+    """Student (with grad if enabled), teacher and reference terms for rows of the batch."""
     mask = rb.response_mask[rows]  # (n, L)
     targets = rb.response_ids[rows][mask.bool()]  # (M,) real response tokens, flattened
     lm_head = model.get_output_embeddings()
@@ -735,7 +741,7 @@ def score(model, ref_model, rb: Rollouts, rows: slice, use_teacher: bool, args: 
         logp, kl, entropy = chunked_token_terms(h_student, h_teacher, targets, lm_head,
                                                 args.temperature, args.chunk_size)  # (M,) each
     kl_distill = scatter_tokens(kl, mask) if use_teacher else None
-    return scatter_tokens(logp, mask), kl_distill, ref_logp, scatter_tokens(entropy, mask)
+    return TokenTerms(scatter_tokens(logp, mask), kl_distill, ref_logp, scatter_tokens(entropy, mask))
 
 
 def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: float, args: Args,
@@ -747,7 +753,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
     if args.updates_per_batch > 1:  # the rollout policy's log-probs, for the ratio rho (Appendix A.3)
         with torch.no_grad():
             rb.old_logp = torch.cat([score(model, None, rb, slice(i, i + args.micro_batch), False, args, device,
-                                           bf16)[0] for i in range(0, N, args.micro_batch)])  # (N, L)
+                                           bf16).logp for i in range(0, N, args.micro_batch)])  # (N, L)
     sums = dict(loss=0.0, kl_distill=0.0, kl_ref=0.0, entropy=0.0, grad_norm=0.0, skipped_updates=0)
     per_update = N // args.updates_per_batch  # whole groups, checked in check_args()
     for u in range(0, N, per_update):
