@@ -69,6 +69,11 @@ def _arg(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+# What a question is followed by in the prompt (sdpg.py's default for maths datasets): the verifier
+# reads a \boxed{} answer first, and the paper's models reason before answering.
+INSTRUCTION = "Reason step by step, then put the final answer in \\boxed{}."
+
+
 @dataclass
 class Args:
     # model and data
@@ -81,6 +86,8 @@ class Args:
     steps: int | None = _arg(None, "training steps; each samples a fresh batch of rollouts "
                              "[auto: 200] (paper: 400)")
     batch_prompts: int | None = _arg(None, "questions per step [auto: 16] (paper: 128)")
+    instruction: str | None = _arg(None, "text appended to every question of the student's (and the teacher's) "
+                                   f"prompt; '' for none [auto: none for toy, else: '{INSTRUCTION}']")
     group_size: int = _arg(8, "G, answers sampled per question (paper: 8)")
     max_new_tokens: int | None = _arg(None, "longest sampled answer, in tokens [auto: 512; tiny 2] (paper: 4096)")
     temperature: float = _arg(1.0, "sampling temperature; every log-prob and KL uses it too, so p_t is the "
@@ -164,6 +171,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
     for name, value in PRESETS["tiny" if args.model == "tiny" else "pretrained"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.instruction is None:
+        args.instruction = "" if args.dataset == "toy" else INSTRUCTION
     if args.beta_warmup is None:
         args.beta_warmup = round(args.steps / 8)
     if args.beta_decay is None:
@@ -378,9 +387,6 @@ def load_examples(dataset: str, eval_n: int, seed: int) -> tuple[list[dict], lis
 # -----------------------------------------------------------------------------
 # Prompts. The teacher prompt is the student prompt plus the privileged context (paper, Fig. 4);
 # the wording below is ours. Both go through the chat template when the tokenizer has one.
-
-INSTRUCTION = "Reason step by step, then put the final answer in \\boxed{}."
-
 
 def prompt_texts(example: dict, instruction: str) -> tuple[str, str]:
     """Returns the (student, teacher) user messages for one example."""
@@ -966,7 +972,7 @@ def main(argv: list[str] | None = None) -> None:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     train, held_out = load_examples(args.dataset, args.eval_n, args.seed)
-    instruction = "" if args.dataset == "toy" else INSTRUCTION
+    instruction = args.instruction
     check_prompt_lengths(model, tokenizer, train + held_out, instruction, args.max_new_tokens, args.beta > 0)
     check_output_head(model, tokenizer, device)
 

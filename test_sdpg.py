@@ -341,6 +341,10 @@ def test_presets_and_short_names():
     assert (a.dataset, a.lr, a.alpha, a.beta_warmup, a.beta_decay) == ("toy", 3e-3, 0.05, 25, 175)
     b = sdpg.parse_args(["--model", "Qwen2.5-0.5B", "--steps", "400", "--lr", "2e-6"])
     assert (b.dataset, b.lr, b.alpha, b.beta_warmup, b.beta_decay) == ("gsm8k", 2e-6, 1e-3, 50, 350)
+    assert (a.instruction, b.instruction) == ("", sdpg.INSTRUCTION)
+    c = sdpg.parse_args(["--model", "tiny", "--dataset", "d.jsonl", "--instruction", "Answer briefly."])
+    assert sdpg.prompt_texts({"question": "2+2?", "answer": "4", "solution": ""}, c.instruction)[0] == "2+2?\nAnswer briefly."
+    assert sdpg.parse_args(["--model", "x", "--instruction", ""]).instruction == ""
     assert sdpg.resolve_model_name("Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
     assert sdpg.resolve_model_name("someone/model") == "someone/model"
 

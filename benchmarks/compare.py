@@ -17,6 +17,7 @@ matplotlib is installed, OUT/curves.png.
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def run(variant_flags: list[str], seed: int, out: str, passthrough: list[str]) -
     if not os.path.isdir(os.path.join(out, "final")):
         cmd = [sys.executable, os.path.join(ROOT, "sdpg.py"), *passthrough, *variant_flags, "--seed", str(seed),
                "--output-dir", out, "--overwrite"]
-        print("running:", " ".join(cmd[1:]), flush=True)
+        print("running:", shlex.join(cmd[1:]), flush=True)
         done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise SystemExit(f"error: this run failed:\n{done.stderr[-3000:]}")
@@ -127,7 +128,7 @@ def main() -> None:
     text = table(results, len(args.seeds), args.threshold)
     print(text)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(f"sdpg.py flags for every run: {' '.join(passthrough)}\n\n{text}")
+        f.write(f"sdpg.py flags for every run: {shlex.join(passthrough)}\n\n{text}")
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({n: [{"seed": x["seed"], **x["summary"]} for x in v] for n, v in results.items()}, f, indent=2)
     if plot(results, os.path.join(args.out, "curves.png"), args.window):
