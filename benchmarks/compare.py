@@ -87,7 +87,9 @@ def plot(results: dict, path: str, window: int) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+    fig, grid = plt.subplots(2, 3, figsize=(12, 6.4))
+    axes = grid.flatten()
+    axes[-1].axis("off")  # five curves on a 2 x 3 grid
     for ax, key in zip(axes, CURVES):
         for name, per_seed in results.items():
             for i, x in enumerate(per_seed):
