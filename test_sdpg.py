@@ -929,8 +929,7 @@ def test_tokenizer_without_eos_is_refused(tmp_path, monkeypatch):
         sdpg.main(["--model", "tiny", "--output-dir", str(tmp_path)])
 
 
-def test_bf16_sampler_follows_the_policy(tiny):
-    model, _ = tiny
+def test_bf16_sampler_follows_the_policy():
     model = sdpg.build_tiny_model(sdpg.build_char_tokenizer(), seed=3)
     sampler = sdpg.make_sampler(model, bf16=True)
     assert sampler is not model and next(sampler.parameters()).dtype == torch.bfloat16
