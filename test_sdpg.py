@@ -439,6 +439,24 @@ def test_compare_harness_smoke(tmp_path):
     assert rows[1]["kl_distill"] is None and rows[1]["kl_ref"] is None
 
 
+def test_compare_variant_names_and_threshold():
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    from compare import summarise, variant_flags
+
+    assert variant_flags("beta0-alpha0") == ["--beta", "0", "--alpha", "0"]
+    assert variant_flags("sdpg-ufkl-beta0.1") == ["--kl-mode", "ufkl", "--beta", "0.1"]
+    for bad in ("sdpg", "beta0-beta1", "sdpg-urkl-betax"):
+        with pytest.raises(Exception, match="unknown variant"):
+            variant_flags(bad)
+    # a lucky first step must not count: the first full 3-step mean >= 0.5 is at step 6 (0.2, 0.6, 0.8)
+    rewards = [1.0, 0.0, 0.0, 0.2, 0.6, 0.8]
+    rows = [{"step": 0, "eval_accuracy": 0.1}] + [{"step": i + 1, "reward_mean": r} for i, r in enumerate(rewards)]
+    rows[-1]["eval_accuracy"] = 0.4
+    s = summarise(rows, threshold=0.5, window=3)
+    assert s["steps_to_threshold"] == 6 and s["first_eval"] == 0.1 and s["final_eval"] == 0.4
+    assert s["final_reward"] == pytest.approx(statistics.mean(rewards[-3:]))
+
+
 def test_generated_word_problems_are_right():
     sys.path.insert(0, os.path.join(HERE, "benchmarks"))
     from prepare_smollm2 import make_problems

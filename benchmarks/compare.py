@@ -8,8 +8,9 @@ Every run goes through sdpg.py's public command line (nothing here re-implements
         --model runs/smollm2/model --dataset runs/smollm2/train.jsonl --steps 40 --lr 1e-5
 
 Arguments after `--` go to every sdpg.py run. Variants (the paper's Appendix D.1 ablations):
-sdpg-urkl (the default), sdpg-ufkl, beta0 (no distillation: the RPG/GRPO-style baseline) and
-beta0-alpha0 (no distillation, no anchor); `--betas 1e-2 1e-1` adds SDPG runs with larger beta.
+sdpg-urkl (the default), sdpg-ufkl (ufkl reference KL), beta0 (no distillation: the RPG/GRPO-style
+baseline) and beta0-alpha0 (no distillation, no anchor); an SDPG variant with `-beta<value>` appended
+runs at that beta instead of the default 1e-3 (`sdpg-urkl-beta0.1`, `sdpg-ufkl-beta1`).
 Writes OUT/VARIANT/seedS/ (each run's own output), OUT/summary.md, OUT/summary.json and, when
 matplotlib is installed, OUT/curves.png.
 """
@@ -32,6 +33,21 @@ VARIANTS = {
 CURVES = ["reward_mean", "eval_accuracy", "kl_distill", "entropy", "response_len"]
 
 
+def variant_flags(name: str) -> list[str]:
+    """sdpg.py flags for a variant name: a key of VARIANTS, or an SDPG one ending in -beta<value>."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    base, has_beta, beta = name.partition("-beta")
+    if has_beta and base in ("sdpg-urkl", "sdpg-ufkl"):
+        try:
+            return [*VARIANTS[base], "--beta", str(float(beta))]
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(
+        f"unknown variant {name!r}: use one of {', '.join(VARIANTS)}, or sdpg-urkl/sdpg-ufkl with -beta<value> "
+        "appended (sdpg-urkl-beta0.1)")
+
+
 def run(variant_flags: list[str], seed: int, out: str, passthrough: list[str]) -> list[dict]:
     """One sdpg.py run (skipped when its final model already exists); returns its metrics rows."""
     if not os.path.isdir(os.path.join(out, "final")):
@@ -50,11 +66,13 @@ def moving_average(xs: list[float], k: int) -> list[float]:
 
 
 def summarise(rows: list[dict], threshold: float, window: int) -> dict:
-    """Final and best held-out accuracy, and the first step whose moving-average reward >= threshold."""
+    """Final and best held-out accuracy, and the first step at which the mean reward of the last `window`
+    steps is >= threshold (counted from step `window` on: earlier averages cover too few steps, and
+    one lucky group would count as reaching the threshold)."""
     evals = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
     train = [r for r in rows if "reward_mean" in r]
     smooth = moving_average([r["reward_mean"] for r in train], window)
-    reached = next((r["step"] for r, s in zip(train, smooth) if s >= threshold), None)
+    reached = next((r["step"] for r, s in zip(train[window - 1:], smooth[window - 1:]) if s >= threshold), None)
     return {"final_eval": evals[-1], "best_eval": max(evals), "first_eval": evals[0], "steps_to_threshold": reached,
             "final_reward": smooth[-1] if smooth else None}
 
@@ -112,15 +130,17 @@ def main() -> None:
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/compare", help="folder for the runs and the summary")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--betas", type=float, nargs="*", default=[], help="extra SDPG (urkl) runs at these beta values")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per variant and seed")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT",
+                   help=f"any of {', '.join(VARIANTS)}; sdpg-urkl-beta0.1 = sdpg-urkl at beta 0.1 (default: the four)")
     p.add_argument("--threshold", type=float, default=0.5, help="reward level for 'steps to threshold'")
     p.add_argument("--window", type=int, default=10, help="moving-average window for rewards, in steps")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
 
-    variants = {name: VARIANTS[name] for name in args.variants}
-    variants.update({f"sdpg-urkl-beta{b:g}": ["--beta", str(b)] for b in args.betas})
+    try:
+        variants = {name: variant_flags(name) for name in args.variants}
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
     results = {}
     for name, flags in variants.items():
         results[name] = []
