@@ -427,8 +427,9 @@ def test_benchmark_smoke(tmp_path):
 
 def test_compare_harness_smoke(tmp_path):
     out = tmp_path / "cmp"
-    cmd = [sys.executable, os.path.join(HERE, "benchmarks", "compare.py"), "--out", str(out), "--seeds", "0",
-           "--variants", "sdpg-urkl", "beta0-alpha0", "--", "--model", "tiny", "--steps", "3", "--eval-n", "8"]
+    compare = [sys.executable, os.path.join(HERE, "benchmarks", "compare.py"), "--out", str(out), "--seeds", "0"]
+    cmd = [*compare, "--jobs", "2", "--variants", "sdpg-urkl", "beta0-alpha0", "--", "--model", "tiny", "--steps", "3",
+           "--eval-n", "8"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -437,6 +438,10 @@ def test_compare_harness_smoke(tmp_path):
     # the ablation really ran without the teacher and the anchor
     rows = _rows(out / "beta0-alpha0" / "seed0" / "metrics.jsonl")
     assert rows[1]["kl_distill"] is None and rows[1]["kl_ref"] is None
+    # a failing run stops the harness with sdpg.py's own message and names the run
+    proc = subprocess.run([*compare, "--variants", "beta0", "--", "--model", "tiny", "--steps", "0"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0 and "beta0/seed0 failed" in proc.stderr and "--steps must be positive" in proc.stderr
 
 
 def test_compare_variant_names_and_threshold():

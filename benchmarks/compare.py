@@ -22,6 +22,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -56,7 +57,7 @@ def run(variant_flags: list[str], seed: int, out: str, passthrough: list[str]) -
         print("running:", shlex.join(cmd[1:]), flush=True)
         done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"error: this run failed:\n{done.stderr[-3000:]}")
+            raise SystemExit(f"error: the run in {out} failed:\n{done.stderr[-3000:]}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
@@ -133,6 +134,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per variant and seed")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT",
                    help=f"any of {', '.join(VARIANTS)}; sdpg-urkl-beta0.1 = sdpg-urkl at beta 0.1 (default: the four)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (on a small CPU, set OMP_NUM_THREADS so that "
+                   "jobs x threads <= cores; on a GPU, several small runs share the card)")
     p.add_argument("--threshold", type=float, default=0.5, help="reward level for 'steps to threshold'")
     p.add_argument("--window", type=int, default=10, help="moving-average window for rewards, in steps")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -141,12 +144,17 @@ def main() -> None:
         variants = {name: variant_flags(name) for name in args.variants}
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
-    results = {}
-    for name, flags in variants.items():
-        results[name] = []
-        for seed in args.seeds:
-            rows = run(flags, seed, os.path.join(args.out, name, f"seed{seed}"), passthrough)
+    # Runs are independent processes; --jobs of them go at once (a thread here only waits on its process).
+    pool = ThreadPoolExecutor(args.jobs)
+    pending = [(name, seed, pool.submit(run, flags, seed, os.path.join(args.out, name, f"seed{seed}"), passthrough))
+               for name, flags in variants.items() for seed in args.seeds]
+    results = {name: [] for name in variants}
+    try:
+        for name, seed, future in pending:
+            rows = future.result()
             results[name].append({"seed": seed, "rows": rows, "summary": summarise(rows, args.threshold, args.window)})
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a failed run, queued runs do not start
     text = table(results, len(args.seeds), args.threshold)
     print(text)
     with open(os.path.join(args.out, "summary.md"), "w") as f:

