@@ -438,6 +438,11 @@ def test_compare_harness_smoke(tmp_path):
     # the ablation really ran without the teacher and the anchor
     rows = _rows(out / "beta0-alpha0" / "seed0" / "metrics.jsonl")
     assert rows[1]["kl_distill"] is None and rows[1]["kl_ref"] is None
+    # a rerun reuses finished runs with the same settings and refuses ones made with other settings
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and proc.stdout.count("reusing the finished run") == 2, proc.stderr[-2000:]
+    proc = subprocess.run([*cmd, "--lr", "1e-4"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0 and "made with other settings" in proc.stderr, proc.stderr[-2000:]
     # a failing run stops the harness with sdpg.py's own message and names the run
     proc = subprocess.run([*compare, "--variants", "beta0", "--", "--model", "tiny", "--steps", "0"],
                           capture_output=True, text=True, timeout=180)

@@ -22,7 +22,7 @@ import shlex
 import statistics
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -49,11 +49,34 @@ def variant_flags(name: str) -> list[str]:
         "appended (sdpg-urkl-beta0.1)")
 
 
-def run(variant_flags: list[str], seed: int, out: str, passthrough: list[str]) -> list[dict]:
-    """One sdpg.py run (skipped when its final model already exists); returns its metrics rows."""
-    if not os.path.isdir(os.path.join(out, "final")):
-        cmd = [sys.executable, os.path.join(ROOT, "sdpg.py"), *passthrough, *variant_flags, "--seed", str(seed),
-               "--output-dir", out, "--overwrite"]
+# Settings that may differ between a finished run and a rerun of the same command.
+NOT_SETTINGS = {"output_dir", "overwrite", "resume", "device", "keep_checkpoints", "save_every"}
+
+
+def same_settings(out: str, sdpg_flags: list[str]) -> bool:
+    """Whether the run in `out` (its config.json) was made with these sdpg.py flags."""
+    sys.path.insert(0, ROOT)
+    import sdpg  # only its argument parser: the same defaults the run itself used
+
+    want = vars(sdpg.parse_args(sdpg_flags))
+    with open(os.path.join(out, "config.json")) as f:
+        have = json.load(f)
+    for key in ("model", "dataset"):  # one folder reached by two paths is the same setting
+        want[key], have[key] = (os.path.realpath(x) if os.path.exists(x) else x for x in (want[key], have[key]))
+    return all(want[k] == have.get(k) for k in want if k not in NOT_SETTINGS)
+
+
+def run(flags: list[str], seed: int, out: str, passthrough: list[str]) -> list[dict]:
+    """One sdpg.py run, or the finished one already in `out` if it has the same settings; returns its
+    metrics rows."""
+    sdpg_flags = [*passthrough, *flags, "--seed", str(seed), "--output-dir", out]
+    if os.path.isdir(os.path.join(out, "final")):
+        if not same_settings(out, sdpg_flags):
+            raise SystemExit(f"error: {out} holds a finished run made with other settings (see its config.json); "
+                             "give another --out, or delete that folder to rerun it")
+        print(f"reusing the finished run in {out}", flush=True)
+    else:
+        cmd = [sys.executable, os.path.join(ROOT, "sdpg.py"), *sdpg_flags, "--overwrite"]
         print("running:", shlex.join(cmd[1:]), flush=True)
         done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
@@ -105,6 +128,7 @@ def plot(results: dict, path: str, window: int) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib is not installed: no plot (the table above is complete)")
         return False
     fig, grid = plt.subplots(2, 3, figsize=(12, 6.4))
     axes = grid.flatten()
@@ -129,32 +153,42 @@ def plot(results: dict, path: str, window: int) -> bool:
 def main() -> None:
     argv = sys.argv[1:]
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s [options] -- SDPG_FLAGS",
+                                epilog="SDPG_FLAGS, after --, go to every sdpg.py run (see python sdpg.py --help).")
     p.add_argument("--out", default="runs/compare", help="folder for the runs and the summary")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per variant and seed")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT",
                    help=f"any of {', '.join(VARIANTS)}; sdpg-urkl-beta0.1 = sdpg-urkl at beta 0.1 (default: the four)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (on a small CPU, set OMP_NUM_THREADS so that "
                    "jobs x threads <= cores; on a GPU, several small runs share the card)")
-    p.add_argument("--threshold", type=float, default=0.5, help="reward level for 'steps to threshold'")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="reward level for 'steps to threshold', reached by the reward averaged over --window steps")
     p.add_argument("--window", type=int, default=10, help="moving-average window for rewards, in steps")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-
+    if args.jobs < 1 or args.window < 1:
+        p.error("--jobs and --window must be >= 1")
+    if len(set(args.seeds)) < len(args.seeds) or len(set(args.variants)) < len(args.variants):
+        p.error("a seed or variant is listed twice (two runs would write one folder)")
     try:
         variants = {name: variant_flags(name) for name in args.variants}
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
+
     # Runs are independent processes; --jobs of them go at once (a thread here only waits on its process).
     pool = ThreadPoolExecutor(args.jobs)
-    pending = [(name, seed, pool.submit(run, flags, seed, os.path.join(args.out, name, f"seed{seed}"), passthrough))
-               for name, flags in variants.items() for seed in args.seeds]
+    futures = {(name, seed): pool.submit(run, flags, seed, os.path.join(args.out, name, f"seed{seed}"), passthrough)
+               for name, flags in variants.items() for seed in args.seeds}
+    wait(futures.values(), return_when=FIRST_EXCEPTION)
+    failed = next((f for f in futures.values() if f.done() and f.exception()), None)
+    if failed:  # report at once, start nothing new, let the runs already going finish
+        print(failed.exception(), file=sys.stderr, flush=True)
+        pool.shutdown(cancel_futures=True)
+        raise SystemExit(1)
+    pool.shutdown()
     results = {name: [] for name in variants}
-    try:
-        for name, seed, future in pending:
-            rows = future.result()
-            results[name].append({"seed": seed, "rows": rows, "summary": summarise(rows, args.threshold, args.window)})
-    finally:
-        pool.shutdown(cancel_futures=True)  # after a failed run, queued runs do not start
+    for (name, seed), future in futures.items():
+        rows = future.result()
+        results[name].append({"seed": seed, "rows": rows, "summary": summarise(rows, args.threshold, args.window)})
     text = table(results, len(args.seeds), args.threshold)
     print(text)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
