@@ -808,10 +808,11 @@ def build_optimizer(model: nn.Module, args: Args):
 
 
 def evaluate(model, tokenizer, examples: list[dict], instruction: str, stop_ids: list[int], max_new_tokens: int,
-             batch_size: int, device, bf16) -> float:
-    """Greedy pass@1: the fraction of held-out questions whose greedy answer the verifier accepts."""
+             batch_size: int, device, bf16) -> list[float]:
+    """Greedy pass@1 per question: 1.0 where the verifier accepts the greedy answer. Its mean is the
+    held-out accuracy."""
     model.eval()
-    correct = 0.0
+    correct = []
     for i in range(0, len(examples), batch_size):
         batch = examples[i:i + batch_size]
         ids, mask = left_pad([encode_prompt(tokenizer, prompt_texts(ex, instruction)[0]) for ex in batch],
@@ -819,8 +820,8 @@ def evaluate(model, tokenizer, examples: list[dict], instruction: str, stop_ids:
         with autocast(device, bf16):
             resp, resp_mask = generate(model, ids, mask, max_new_tokens, 0.0, 1.0, stop_ids, tokenizer.pad_token_id)
         texts = decode_responses(tokenizer, resp, resp_mask)
-        correct += sum(math_reward(t, ex["answer"]) for t, ex in zip(texts, batch))
-    return correct / max(1, len(examples))
+        correct += [math_reward(t, ex["answer"]) for t, ex in zip(texts, batch)]
+    return correct
 
 
 # -----------------------------------------------------------------------------
@@ -1003,8 +1004,8 @@ def main(argv: list[str] | None = None) -> None:
           + (f" | resuming at step {start_step}" if resume_from else ""))
 
     eval_batch = args.batch_prompts * args.group_size
-    evaluate_now = lambda: evaluate(sampler, tokenizer, held_out, instruction, stop_ids, args.max_new_tokens,  # noqa: E731
-                                    eval_batch, device, bf16)
+    evaluate_now = lambda: sum(evaluate(sampler, tokenizer, held_out, instruction, stop_ids,  # noqa: E731
+                                        args.max_new_tokens, eval_batch, device, bf16)) / len(held_out)
     if start_step == 1:
         acc = evaluate_now()
         log({"step": 0, "eval_accuracy": acc})

@@ -438,6 +438,10 @@ def test_compare_harness_smoke(tmp_path):
     # the ablation really ran without the teacher and the anchor
     rows = _rows(out / "beta0-alpha0" / "seed0" / "metrics.jsonl")
     assert rows[1]["kl_distill"] is None and rows[1]["kl_ref"] is None
+    # the final evaluation, redone from the saved model, gives the logged accuracy (checked by the script)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "benchmarks", "unseen_accuracy.py"), str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and "| sdpg-urkl/seed0 |" in proc.stdout, proc.stderr[-2000:]
     # a rerun reuses finished runs with the same settings and refuses ones made with other settings
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0 and proc.stdout.count("reusing the finished run") == 2, proc.stderr[-2000:]
@@ -465,6 +469,20 @@ def test_compare_variant_names_and_threshold():
     s = summarise(rows, threshold=0.5, window=3)
     assert s["steps_to_threshold"] == 6 and s["first_eval"] == 0.1 and s["final_eval"] == 0.4
     assert s["final_reward"] == pytest.approx(statistics.mean(rewards[-3:]))
+
+
+def test_unseen_accuracy_knows_the_training_questions(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    from unseen_accuracy import questions_met
+
+    trained, collect = [], sdpg.collect_rollouts
+    monkeypatch.setattr(sdpg, "collect_rollouts", lambda s, t, examples, *a: (trained.extend(examples),
+                                                                             collect(s, t, examples, *a))[1])
+    argv = ["--model", "tiny", "--dataset", "toy", "--steps", "4", "--batch-prompts", "3", "--eval-every", "0",
+            "--seed", "5", "--output-dir", str(tmp_path / "run")]
+    sdpg.main(argv)
+    train, _ = sdpg.load_examples("toy", 8, 5)
+    assert len(trained) == 12 and questions_met(train, sdpg.parse_args(argv)) == {ex["question"] for ex in trained}
 
 
 def test_generated_word_problems_are_right():

@@ -1,0 +1,69 @@
+"""Held-out accuracy of finished compare.py runs, also counted on only the held-out questions that a
+run never met in training.
+
+prepare_smollm2.py's small number ranges make questions repeat, so a run can train on a question
+that is also among the held-out ones. For every finished run under OUT/VARIANT/seedS/ this redoes the
+final greedy evaluation with sdpg.py's own functions (it must reproduce the logged final accuracy,
+which is checked) and reports the accuracy without the questions the run met in training.
+
+    python benchmarks/unseen_accuracy.py runs/compare
+"""
+
+import argparse
+import glob
+import json
+import os
+import random
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import sdpg  # noqa: E402
+
+
+def questions_met(train: list[dict], args: sdpg.Args) -> set[str]:
+    """The training questions of a run, in sdpg.main's data order (a reshuffle per epoch)."""
+    order, queue = random.Random(args.seed), []
+    while len(queue) < args.steps * args.batch_prompts:
+        queue += order.sample(range(len(train)), len(train))
+    return {train[i]["question"] for i in queue[:args.steps * args.batch_prompts]}
+
+
+def recheck(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "config.json")) as f:
+        args = sdpg.Args(**json.load(f))
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        logged = [row["eval_accuracy"] for row in map(json.loads, f) if "eval_accuracy" in row][-1]
+    train, held_out = sdpg.load_examples(args.dataset, args.eval_n, args.seed)
+    device, bf16 = sdpg.pick_device(args.device)
+    model, tokenizer = sdpg.load_model(os.path.join(run_dir, "final"), args.seed)
+    stop_ids = sdpg.stop_token_ids(model, tokenizer)  # final/ keeps the run's generation config
+    sampler = sdpg.make_sampler(model.to(device), bf16)  # evaluated as in the run: the sampler copy
+    correct = sdpg.evaluate(sampler, tokenizer, held_out, args.instruction, stop_ids, args.max_new_tokens,
+                            args.batch_prompts * args.group_size, device, bf16)
+    met = questions_met(train, args)
+    unseen = [c for c, ex in zip(correct, held_out) if ex["question"] not in met]
+    return {"logged": logged, "recomputed": statistics.mean(correct), "n_seen": len(correct) - len(unseen),
+            "unseen": statistics.mean(unseen) if unseen else None}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="compare.py's --out folder")
+    out = p.parse_args().out
+    runs = sorted(os.path.dirname(d) for d in glob.glob(os.path.join(out, "*", "seed*", "final")))
+    if not runs:
+        raise SystemExit(f"error: no finished runs (VARIANT/seedS/final) under {out}")
+    print("| run | final eval (logged) | recomputed | held-out questions met in training | eval on the others |")
+    print("|---|---|---|---|---|")
+    for run_dir in runs:
+        r = recheck(run_dir)
+        print(f"| {os.path.relpath(run_dir, out)} | {r['logged']:.3f} | {r['recomputed']:.3f} | {r['n_seen']} | "
+              f"{'-' if r['unseen'] is None else format(r['unseen'], '.3f')} |", flush=True)
+        if abs(r["recomputed"] - r["logged"]) > 1e-9:
+            raise SystemExit(f"error: {run_dir}: the recomputed accuracy differs from the logged one")
+
+
+if __name__ == "__main__":
+    main()
