@@ -464,11 +464,13 @@ def test_compare_variant_names_and_threshold():
             variant_flags(bad)
     # a lucky first step must not count: the first full 3-step mean >= 0.5 is at step 6 (0.2, 0.6, 0.8)
     rewards = [1.0, 0.0, 0.0, 0.2, 0.6, 0.8]
-    rows = [{"step": 0, "eval_accuracy": 0.1}] + [{"step": i + 1, "reward_mean": r} for i, r in enumerate(rewards)]
+    rows = [{"step": 0, "eval_accuracy": 0.1}] + [{"step": i + 1, "reward_mean": r, "entropy": 2.0 - r}
+                                                  for i, r in enumerate(rewards)]
     rows[-1]["eval_accuracy"] = 0.4
     s = summarise(rows, threshold=0.5, window=3)
     assert s["steps_to_threshold"] == 6 and s["first_eval"] == 0.1 and s["final_eval"] == 0.4
     assert s["final_reward"] == pytest.approx(statistics.mean(rewards[-3:]))
+    assert s["final_entropy"] == pytest.approx(2.0 - statistics.mean(rewards[-3:]))
 
 
 def test_unseen_accuracy_knows_the_training_questions(tmp_path, monkeypatch):

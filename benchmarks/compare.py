@@ -90,15 +90,16 @@ def moving_average(xs: list[float], k: int) -> list[float]:
 
 
 def summarise(rows: list[dict], threshold: float, window: int) -> dict:
-    """Final and best held-out accuracy, and the first step at which the mean reward of the last `window`
-    steps is >= threshold (counted from step `window` on: earlier averages cover too few steps, and
+    """Final and best held-out accuracy, the reward and entropy averaged over the last `window` steps,
+    and the first step at which the mean reward of the last `window` steps is >= threshold (counted from step `window` on: earlier averages cover too few steps, and
     one lucky group would count as reaching the threshold)."""
     evals = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
     train = [r for r in rows if "reward_mean" in r]
     smooth = moving_average([r["reward_mean"] for r in train], window)
     reached = next((r["step"] for r, s in zip(train[window - 1:], smooth[window - 1:]) if s >= threshold), None)
     return {"final_eval": evals[-1], "best_eval": max(evals), "first_eval": evals[0], "steps_to_threshold": reached,
-            "final_reward": smooth[-1] if smooth else None}
+            "final_reward": smooth[-1] if smooth else None,
+            "final_entropy": statistics.mean(r["entropy"] for r in train[-window:]) if train else None}
 
 
 def mean_sd(values: list) -> str:
@@ -110,15 +111,17 @@ def mean_sd(values: list) -> str:
 
 
 def table(results: dict, n_seeds: int, threshold: float) -> str:
-    lines = [f"| variant | eval before | final eval | best eval | reward (last, smoothed) | steps to reward {threshold} |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| variant | eval before | final eval | best eval | reward (last, smoothed) | entropy (last, smoothed) "
+             f"| steps to reward {threshold} |",
+             "|---|---|---|---|---|---|---|"]
     for name, per_seed in results.items():
         s = [x["summary"] for x in per_seed]
         reached = [x["steps_to_threshold"] for x in s]
         hit = f"{sum(r is not None for r in reached)}/{n_seeds} runs" + (
             f", mean {statistics.mean([r for r in reached if r is not None]):.0f}" if any(r is not None for r in reached) else "")
         lines.append(f"| {name} | {mean_sd([x['first_eval'] for x in s])} | {mean_sd([x['final_eval'] for x in s])} | "
-                     f"{mean_sd([x['best_eval'] for x in s])} | {mean_sd([x['final_reward'] for x in s])} | {hit} |")
+                     f"{mean_sd([x['best_eval'] for x in s])} | {mean_sd([x['final_reward'] for x in s])} | "
+                     f"{mean_sd([x['final_entropy'] for x in s])} | {hit} |")
     return "\n".join(lines) + f"\n\nmean ± sd over {n_seeds} seed(s)\n"
 
 
