@@ -384,6 +384,13 @@ def load_examples(dataset: str, eval_n: int, seed: int) -> tuple[list[dict], lis
     return train, held_out
 
 
+def next_batch(queue: list[int], order: random.Random, n_train: int, k: int) -> tuple[list[int], list[int]]:
+    """The next k training indices and the queue left after them; a new epoch reshuffles all n_train."""
+    while len(queue) < k:
+        queue = queue + order.sample(range(n_train), n_train)
+    return queue[:k], queue[k:]
+
+
 # -----------------------------------------------------------------------------
 # Prompts. The teacher prompt is the student prompt plus the privileged context (paper, Fig. 4);
 # the wording below is ours. Both go through the chat template when the tokenizer has one.
@@ -1016,9 +1023,8 @@ def main(argv: list[str] | None = None) -> None:
         for step in tqdm(range(start_step, args.steps + 1), desc="sdpg", dynamic_ncols=True,
                          initial=start_step - 1, total=args.steps):
             t0 = time.time()
-            while len(queue) < args.batch_prompts:
-                queue += order.sample(range(len(train)), len(train))
-            examples, queue = [train[i] for i in queue[:args.batch_prompts]], queue[args.batch_prompts:]
+            batch, queue = next_batch(queue, order, len(train), args.batch_prompts)
+            examples = [train[i] for i in batch]
             refresh_sampler(sampler, model)
             rb = collect_rollouts(sampler, tokenizer, examples, args, instruction, stop_ids, device, bf16)
             beta_k = beta_schedule(step, args.steps, args.beta, args.beta_warmup, args.beta_decay)

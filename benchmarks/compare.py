@@ -25,6 +25,9 @@ import sys
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import sdpg  # noqa: E402  (only its argument parser, to compare a finished run's settings)
+
 VARIANTS = {
     "sdpg-urkl": [],
     "sdpg-ufkl": ["--kl-mode", "ufkl"],
@@ -55,9 +58,6 @@ NOT_SETTINGS = {"output_dir", "overwrite", "resume", "device", "keep_checkpoints
 
 def same_settings(out: str, sdpg_flags: list[str]) -> bool:
     """Whether the run in `out` (its config.json) was made with these sdpg.py flags."""
-    sys.path.insert(0, ROOT)
-    import sdpg  # only its argument parser: the same defaults the run itself used
-
     want = vars(sdpg.parse_args(sdpg_flags))
     with open(os.path.join(out, "config.json")) as f:
         have = json.load(f)
@@ -91,8 +91,8 @@ def moving_average(xs: list[float], k: int) -> list[float]:
 
 def summarise(rows: list[dict], threshold: float, window: int) -> dict:
     """Final and best held-out accuracy, the reward and entropy averaged over the last `window` steps,
-    and the first step at which the mean reward of the last `window` steps is >= threshold (counted from step `window` on: earlier averages cover too few steps, and
-    one lucky group would count as reaching the threshold)."""
+    and the first step at which the mean reward of the last `window` steps is >= threshold (counted
+    from step `window` on: earlier averages cover too few steps, and one lucky group would count)."""
     evals = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
     train = [r for r in rows if "reward_mean" in r]
     smooth = moving_average([r["reward_mean"] for r in train], window)

@@ -23,11 +23,12 @@ import sdpg  # noqa: E402
 
 
 def questions_met(train: list[dict], args: sdpg.Args) -> set[str]:
-    """The training questions of a run, in sdpg.main's data order (a reshuffle per epoch)."""
-    order, queue = random.Random(args.seed), []
-    while len(queue) < args.steps * args.batch_prompts:
-        queue += order.sample(range(len(train)), len(train))
-    return {train[i]["question"] for i in queue[:args.steps * args.batch_prompts]}
+    """The training questions of a run: sdpg.main's data order, replayed from its seed."""
+    order, queue, met = random.Random(args.seed), [], set()
+    for _ in range(args.steps):
+        batch, queue = sdpg.next_batch(queue, order, len(train), args.batch_prompts)
+        met.update(train[i]["question"] for i in batch)
+    return met
 
 
 def recheck(run_dir: str) -> dict:
