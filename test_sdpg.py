@@ -425,6 +425,22 @@ def test_benchmark_smoke(tmp_path):
     assert positive(ratio["throughput_ratio"])
 
 
+def test_decode_step_clock_times_every_step_and_changes_nothing():
+    """benchmarks/decode_step_times.py's clock: one timestamp per new token, the same answers as without it."""
+    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+    import decode_step_times as dst
+    torch.manual_seed(0)
+    model = dst.AutoModelForCausalLM.from_config(dst.config).eval()
+    ids = torch.randint(0, dst.stop - 1, (3, 5))
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                    eos_token_id=[dst.stop], pad_token_id=0)
+    clock = dst.StepClock()
+    timed = model.generate(input_ids=ids, logits_processor=[clock], **settings)
+    assert torch.equal(timed, model.generate(input_ids=ids, **settings))
+    assert timed.shape[1] - 5 == 10 and len(clock.times) == 10
+    assert clock.times == sorted(clock.times)
+
+
 def test_compare_harness_smoke(tmp_path):
     out = tmp_path / "cmp"
     compare = [sys.executable, os.path.join(HERE, "benchmarks", "compare.py"), "--out", str(out), "--seeds", "0"]

@@ -5,7 +5,7 @@
 #   2. sdpg.py end to end on CUDA with a Qwen2.5-0.5B-shaped random model saved to disk (no download:
 #      the character tokenizer stands in for Qwen's);
 #   3. the offline demo on the GPU.
-# 280 s on one H200 (2026-11-27) before the chunk-128 and 1.5B runs of step 1 were added.
+# 513 s on one H200 (2026-11-27); its outputs then are in benchmarks/results/h200/.
 # Usage: bash benchmarks/gpu_check.sh OUTPUT_DIR
 set -uo pipefail
 out=${1:-gpu_check_out}; mkdir -p "$out"
@@ -33,8 +33,8 @@ tok.save_pretrained("/tmp/qwen-shape")
 PY
 python3 sdpg.py --model /tmp/qwen-shape --dataset toy --steps 4 --batch-prompts 8 --max-new-tokens 64 \
   --eval-n 16 --eval-every 2 --save-every 2 --gradient-checkpointing --output-dir "$out/e2e" 2>&1 \
-  | grep -v "it/s\]" | tee "$out/e2e.log"
+  | tr "\r" "\n" | grep -v "it/s\]" | tee "$out/e2e.log"
 python3 -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('$out/e2e/final'); print('final checkpoint loads')"
 rm -rf "$out/e2e/final" "$out/e2e"/checkpoint-*  # large; the log and metrics are what we keep
 
-( time python3 sdpg.py --model tiny --dataset toy --output-dir /tmp/demo ) 2>&1 | grep -v "it/s\]" | tail -4 | tee "$out/demo.log"
+( time python3 sdpg.py --model tiny --dataset toy --output-dir /tmp/demo ) 2>&1 | tr "\r" "\n" | grep -v "it/s\]" | tail -8 | tee "$out/demo.log"
