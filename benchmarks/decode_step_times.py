@@ -14,6 +14,7 @@ import sys
 import time
 
 import torch
+import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +66,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(device)
     model.eval()
+    name = torch.cuda.get_device_name() if big else "cpu"
+    print(f"{name}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}", flush=True)
     sampler = sdpg.make_sampler(model, big)
     run(sampler, "clean eval copy (warm-up)", 32)
     run(sampler, "clean eval copy", 512)
