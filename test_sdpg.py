@@ -441,6 +441,23 @@ def test_decode_step_clock_times_every_step_and_changes_nothing():
     assert clock.times == sorted(clock.times)
 
 
+def test_sampling_dtype_smoke(tmp_path):
+    """benchmarks/sampling_dtype.py runs at the tiny shape: both kinds of weights, every repeat, positive times."""
+    out = tmp_path / "sd.json"
+    cmd = [sys.executable, os.path.join(HERE, "benchmarks", "sampling_dtype.py"), "--answers", "2", "3",
+           "--repeats", "2", "--new-tokens", "4", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| 3 | bf16 copy |" in proc.stdout
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"2", "3"}
+    for rows in results.values():
+        assert set(rows) == {"float32 + bf16 autocast", "bf16 copy"}
+        for r in rows.values():
+            assert len(r["runs"]) == 2 and all(x > 0 for x in r["runs"])
+            assert r["min"] <= r["median"] <= r["max"]
+
+
 def test_compare_harness_smoke(tmp_path):
     out = tmp_path / "cmp"
     compare = [sys.executable, os.path.join(HERE, "benchmarks", "compare.py"), "--out", str(out), "--seeds", "0"]

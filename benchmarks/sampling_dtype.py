@@ -1,51 +1,104 @@
-"""How fast does generate() decode from float32 weights under bf16 autocast, against bf16 weights?
+"""Does sampling from a bf16 copy of the policy decode faster than the float32 model under autocast?
 
-sdpg.py keeps float32 master weights (AdamW's 1e-6 steps would round away in bf16). This script
-measured why it samples from a bf16 copy instead of the float32 model under autocast: random
-weights of the Qwen2.5-0.5B shape, 16 answers, 160-token prompts, every answer full length.
+sdpg.py keeps float32 master weights (AdamW's 1e-6 steps would round away in bf16) and, on CUDA,
+samples from a bf16 copy (sdpg.make_sampler). This script is the measurement behind that choice.
+Decoding speed on a lent GPU has varied by 3x from one call to the next (README, Performance), so
+the two kinds of weights take turns: each repeat times one call of each, the order alternating,
+and the table gives the median and the range of the repeats. Random weights of the Qwen2.5-0.5B
+shape on CUDA (a tiny shape on CPU, which only checks that the script runs), 160-token prompts,
+every answer full length.
 
-    python benchmarks/sampling_dtype.py          # needs a CUDA GPU
+    python benchmarks/sampling_dtype.py                      # needs a CUDA GPU for real numbers
+    python benchmarks/sampling_dtype.py --answers 16 --repeats 3 --new-tokens 64
+
+The first version of this script (commit 85ca4b8) timed the float32 model first and then the same
+model cast to bf16, one call each; the README's first table came from it.
 """
 
+import argparse
+import json
 import os
+import statistics
 import sys
 import time
 
 import torch
+import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import sdpg  # noqa: E402
-from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config  # noqa: E402
-
-STOP = 151935  # an id random weights almost never sample: answers run to full length
+from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 
 
-def time_generate(model, ids, mask, new_tokens: int, autocast: bool) -> float:
-    """Seconds per new token of one batched sdpg.generate call."""
-    torch.cuda.synchronize()
+def build_model(device: torch.device) -> AutoModelForCausalLM:
+    """Qwen2.5-0.5B's shape on CUDA, a tiny one elsewhere; the last id is the stop id, almost never sampled."""
+    big = device.type == "cuda"
+    config = Qwen2Config(vocab_size=151936 if big else 3000, hidden_size=896 if big else 64,
+                         intermediate_size=4864 if big else 128, num_hidden_layers=24 if big else 2,
+                         num_attention_heads=14 if big else 4, num_key_value_heads=2, max_position_embeddings=32768,
+                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=(151936 if big else 3000) - 1)
+    return AutoModelForCausalLM.from_config(config).to(device).eval()
+
+
+def ms_per_step(model, ids: torch.Tensor, new_tokens: int, autocast: bool, stop: int) -> float:
+    """Milliseconds per decoding step of one batched sdpg.generate call."""
+    device = ids.device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with sdpg.autocast(torch.device("cuda"), autocast):
-        response, _ = sdpg.generate(model, ids, mask, new_tokens, 1.0, 1.0, [STOP], 0)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / response.shape[1]
+    with sdpg.autocast(device, autocast):
+        response, _ = sdpg.generate(model, ids, torch.ones_like(ids), new_tokens, 1.0, 1.0, [stop], 0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0) / response.shape[1]
+
+
+def measure(model, sampler, answers: int, new_tokens: int, repeats: int, stop: int) -> dict:
+    """Alternating calls of the float32 model under bf16 autocast and of its bf16 copy."""
+    ids = torch.randint(0, stop, (answers, 160), device=next(model.parameters()).device)  # (answers, 160)
+    kinds = {"float32 + bf16 autocast": (model, True), "bf16 copy": (sampler, False)}
+    times = {name: [] for name in kinds}
+    for r in range(repeats):
+        order = list(kinds) if r % 2 == 0 else list(reversed(kinds))  # neither kind always goes first
+        for name in order:
+            m, autocast = kinds[name]
+            times[name].append(ms_per_step(m, ids, new_tokens, autocast, stop))
+    return {name: dict(median=statistics.median(t), min=min(t), max=max(t), runs=t) for name, t in times.items()}
 
 
 def main() -> None:
-    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=STOP)
-    model = AutoModelForCausalLM.from_config(config).cuda().eval()
-    model.generation_config = GenerationConfig(eos_token_id=[STOP], pad_token_id=0)
-    ids = torch.randint(0, STOP, (16, 160), device="cuda")
-    mask = torch.ones_like(ids)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for label, autocast in (("float32 weights + bf16 autocast", True), ("bf16 weights", False)):
-        if not autocast:
-            model.to(torch.bfloat16)
-        time_generate(model, ids, mask, 16, autocast)  # warm-up
-        for new_tokens in (128, 512):
-            ms = 1000 * time_generate(model, ids, mask, new_tokens, autocast)
-            print(f"{label:32s} {new_tokens:4d} new tokens: {ms:5.1f} ms per token")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--answers", type=int, nargs="+", default=[16, 128], help="sequences per call, one table row each")
+    p.add_argument("--new-tokens", type=int, default=256, help="decoding steps per call")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls of each kind, after one warm-up call each")
+    p.add_argument("--json", help="also write the results here")
+    opts = p.parse_args()
+
+    device, _ = sdpg.pick_device("auto")
+    torch.manual_seed(0)
+    model = build_model(device)
+    stop = model.config.eos_token_id
+    sampler = sdpg.make_sampler(model, True)  # the bf16 copy sdpg.main makes on CUDA
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"{name}, torch {torch.__version__}, transformers {transformers.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(f"{opts.new_tokens} new tokens per call, 160-token prompts, {opts.repeats} alternating repeats\n")
+    for m, autocast in ((model, True), (sampler, False)):  # warm-up: kernels, allocator, cuBLAS
+        ms_per_step(m, torch.randint(0, stop, (2, 160), device=device), 8, autocast, stop)
+
+    results = {}
+    print("| answers | weights | median ms per step | min | max |\n|---|---|---|---|---|")
+    for answers in opts.answers:
+        results[answers] = measure(model, sampler, answers, opts.new_tokens, opts.repeats, stop)
+        for kind, r in results[answers].items():
+            print(f"| {answers} | {kind} | {r['median']:.1f} | {r['min']:.1f} | {r['max']:.1f} |", flush=True)
+    print()
+    for answers, r in results.items():
+        ratio = r["float32 + bf16 autocast"]["median"] / r["bf16 copy"]["median"]
+        print(f"{answers} answers: float32 + autocast / bf16 copy = {ratio:.2f} (medians)")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(dict(device=name, torch=torch.__version__, transformers=transformers.__version__,
+                           new_tokens=opts.new_tokens, repeats=opts.repeats, results=results), f, indent=1)
 
 
 if __name__ == "__main__":
