@@ -475,9 +475,9 @@ def generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_
 # Sampling from float32 weights under bf16 autocast re-casts every weight at every new token: on
 # an H200 that measured 2.8x slower than bf16 weights (51 vs 18 ms per step for 16 answers,
 # benchmarks/sampling_dtype.py), though decoding times on that card were unstable (README,
-# Performance) and a re-measurement is due. So on CUDA the answers come from a bf16 copy of the policy whose
-# weights are refreshed from the float32 master weights before each rollout, for 2 bytes per
-# parameter of extra memory. The copy is close to, not bit-identical with, the autocast forward
+# Performance) and a re-measurement is due. So on CUDA the answers come from a bf16 copy of the
+# policy whose weights are refreshed from the float32 master weights before each rollout, for 2
+# bytes per parameter of extra memory. The copy is close to, not bit-identical with, the autocast forward
 # that scores the answers (autocast keeps norms and the residual stream in float32): like every
 # RL system with a separate inference engine, the rollouts are on-policy up to bf16 rounding.
 def make_sampler(model: nn.Module, bf16: bool) -> nn.Module:

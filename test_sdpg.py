@@ -27,6 +27,7 @@ import verifiers
 from verifiers import extract_answer, gsm8k_gold, is_equiv, math_reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "benchmarks"))  # the benchmark scripts' functions are tested too
 
 
 @pytest.fixture(scope="module")
@@ -427,13 +428,12 @@ def test_benchmark_smoke(tmp_path):
 
 def test_decode_step_clock_times_every_step_and_changes_nothing():
     """benchmarks/decode_step_times.py's clock: one timestamp per new token, the same answers as without it."""
-    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
     import decode_step_times as dst
     torch.manual_seed(0)
-    model = dst.AutoModelForCausalLM.from_config(dst.config).eval()
-    ids = torch.randint(0, dst.stop - 1, (3, 5))
+    model, _, _, stop_ids = dst.bench_sdpg.build_model("tiny", torch.device("cpu"))
+    ids = torch.randint(0, stop_ids[0], (3, 5))
     settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
-                    eos_token_id=[dst.stop], pad_token_id=0)
+                    eos_token_id=stop_ids, pad_token_id=0)
     clock = dst.StepClock()
     timed = model.generate(input_ids=ids, logits_processor=[clock], **settings)
     assert torch.equal(timed, model.generate(input_ids=ids, **settings))
@@ -487,7 +487,6 @@ def test_compare_harness_smoke(tmp_path):
 
 
 def test_compare_variant_names_and_threshold():
-    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
     from compare import summarise, variant_flags
 
     assert variant_flags("beta0-alpha0") == ["--beta", "0", "--alpha", "0"]
@@ -507,7 +506,6 @@ def test_compare_variant_names_and_threshold():
 
 
 def test_unseen_accuracy_knows_the_training_questions(tmp_path, monkeypatch):
-    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
     from unseen_accuracy import questions_met
 
     trained, collect = [], sdpg.collect_rollouts
@@ -521,7 +519,6 @@ def test_unseen_accuracy_knows_the_training_questions(tmp_path, monkeypatch):
 
 
 def test_generated_word_problems_are_right():
-    sys.path.insert(0, os.path.join(HERE, "benchmarks"))
     from prepare_smollm2 import make_problems
 
     problems = make_problems(200, seed=0)

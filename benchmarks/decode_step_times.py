@@ -20,15 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_sdpg  # noqa: E402
 import sdpg  # noqa: E402
-from transformers import AutoModelForCausalLM, LogitsProcessor, Qwen2Config  # noqa: E402
+from transformers import LogitsProcessor  # noqa: E402
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 big = device.type == "cuda"
-config = Qwen2Config(vocab_size=151936 if big else 3000, hidden_size=896 if big else 64,
-                     intermediate_size=4864 if big else 128, num_hidden_layers=24 if big else 2,
-                     num_attention_heads=14 if big else 4, num_key_value_heads=2, tie_word_embeddings=True,
-                     pad_token_id=0, eos_token_id=151935 if big else 2999)
-stop = config.eos_token_id  # an id random weights almost never sample: answers run to full length
 
 
 class StepClock(LogitsProcessor):
@@ -44,8 +39,8 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def run(sampler, label: str, new_tokens: int) -> None:
-    ids = torch.randint(0, stop - 1, (16, 160), device=device)  # (16, 160)
+def run(sampler, label: str, new_tokens: int, stop: int) -> None:
+    ids = torch.randint(0, stop, (16, 160), device=device)  # (16, 160)
     mask = torch.ones_like(ids)
     clock = StepClock()
     t0 = time.perf_counter()
@@ -64,19 +59,20 @@ def run(sampler, label: str, new_tokens: int) -> None:
 
 def main() -> None:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(device)
+    # stop: an id random weights almost never sample at the Qwen shape, so answers run to full length
+    model, _, _, (stop,) = bench_sdpg.build_model("qwen2.5-0.5b" if big else "tiny", device)
     model.eval()
     name = torch.cuda.get_device_name() if big else "cpu"
     print(f"{name}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
     sampler = sdpg.make_sampler(model, big)
-    run(sampler, "clean eval copy (warm-up)", 32)
-    run(sampler, "clean eval copy", 512)
+    run(sampler, "clean eval copy (warm-up)", 32, stop)
+    run(sampler, "clean eval copy", 512, stop)
     bench_sdpg.set_grad_ckpt(model, True)
     model.train()
     sampler = sdpg.make_sampler(model, big)
-    run(sampler, "copy of grad-ckpt train-mode model", 512)
-    run(sampler, "same again", 768)
+    run(sampler, "copy of grad-ckpt train-mode model", 512, stop)
+    run(sampler, "same again", 768, stop)
 
 
 if __name__ == "__main__":

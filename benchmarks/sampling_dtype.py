@@ -26,18 +26,9 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_sdpg  # noqa: E402
 import sdpg  # noqa: E402
-from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
-
-
-def build_model(device: torch.device) -> AutoModelForCausalLM:
-    """Qwen2.5-0.5B's shape on CUDA, a tiny one elsewhere; the last id is the stop id, almost never sampled."""
-    big = device.type == "cuda"
-    config = Qwen2Config(vocab_size=151936 if big else 3000, hidden_size=896 if big else 64,
-                         intermediate_size=4864 if big else 128, num_hidden_layers=24 if big else 2,
-                         num_attention_heads=14 if big else 4, num_key_value_heads=2, max_position_embeddings=32768,
-                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=(151936 if big else 3000) - 1)
-    return AutoModelForCausalLM.from_config(config).to(device).eval()
 
 
 def ms_per_step(model, ids: torch.Tensor, new_tokens: int, autocast: bool, stop: int) -> float:
@@ -76,8 +67,9 @@ def main() -> None:
 
     device, _ = sdpg.pick_device("auto")
     torch.manual_seed(0)
-    model = build_model(device)
-    stop = model.config.eos_token_id
+    # stop: an id random weights almost never sample at the Qwen shape, so answers run to full length
+    model, _, _, (stop,) = bench_sdpg.build_model("qwen2.5-0.5b" if device.type == "cuda" else "tiny", device)
+    model.eval()
     sampler = sdpg.make_sampler(model, True)  # the bf16 copy sdpg.main makes on CUDA
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{name}, torch {torch.__version__}, transformers {transformers.__version__}, {time.strftime('%Y-%m-%d')}")
