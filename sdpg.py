@@ -29,6 +29,9 @@ Choices made here, each on purpose:
     the authors' default; ufkl, best in their tables; fkl; rkl: Appendix A.2).
   * One optimiser step per batch of rollouts by default, which is exactly on-policy; with
     --updates-per-batch > 1 the importance ratio and DAPO's dual clip come in (Appendix A.3).
+  * The defaults follow the paper. Where the authors' released training script differs (no gate,
+    constant beta, a token mean, +1/-1 rewards with an overlong penalty, 8 updates per batch), a
+    flag gives its value; --help names both, and README.md has both command lines.
 
 Run it:
   python sdpg.py --model tiny --dataset toy     # offline demo on a laptop CPU, about a minute
@@ -57,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from verifiers import gsm8k_gold, math_reward
+from verifiers import extract_answer, gsm8k_gold, math_reward
 
 # -----------------------------------------------------------------------------
 # Settings. Each field becomes a command-line flag (--batch-prompts for batch_prompts); its help
@@ -81,19 +84,41 @@ class Args:
                       "'Qwen...' or 'SmolLM...' gets its organisation prefixed), or 'tiny': a 2-layer Qwen2 "
                       "with a character tokenizer built in code, trained from scratch, no network needed")
     dataset: str | None = _arg(None, "'gsm8k' (openai/gsm8k, main), 'toy' (a task generated in code), a local "
-                               ".jsonl/.json/.parquet file or a Hub id with fields question, answer and optional "
-                               "solution [auto: toy for --model tiny, else gsm8k]")
+                               ".jsonl/.json/.parquet file or a Hub id whose fields follow a known layout (GSM8K, "
+                               "MATH/NuminaMath, DAPO-Math-17k, problem/answer; README, Settings) or are named by "
+                               "the three flags below [auto: toy for --model tiny, else gsm8k] (paper: DAPO-Math-17k, "
+                               "English part, with worked solutions they generated)")
+    question_field: str | None = _arg(None, "field holding the question; a dotted path such as extra_info.problem "
+                                      "reaches inside a record, a list of chat messages gives its last user message "
+                                      "[auto: from the dataset's layout]")
+    answer_field: str | None = _arg(None, "field holding the gold answer; a worked solution with a \\boxed{} or "
+                                    "'#### X' answer is split into answer and solution [auto: from the layout]")
+    solution_field: str | None = _arg(None, "field holding a worked solution for the teacher's context "
+                                      "[auto: from the layout; none for DAPO-Math-17k]")
     steps: int | None = _arg(None, "training steps; each samples a fresh batch of rollouts "
                              "[auto: 200] (paper: 400)")
     batch_prompts: int | None = _arg(None, "questions per step [auto: 16] (paper: 128)")
-    instruction: str | None = _arg(None, "text appended to every question of the student's (and the teacher's) "
-                                   f"prompt; '' for none [auto: none for toy, else: '{INSTRUCTION}']")
+    instruction: str | None = _arg(None, "text that follows every question (the {instruction} slot of both "
+                                   f"prompt templates); '' for none [auto: none for toy, else: '{INSTRUCTION}']")
+    student_template: str | None = _arg(None, "FILE holding the student's prompt, with the slots {question} and "
+                                        "optionally {instruction} [default: the question, then the instruction] "
+                                        "(paper: Fig. 4; released script: the same)")
+    teacher_template: str | None = _arg(None, "FILE holding the teacher's prompt, with the slots {question}, "
+                                        "{instruction}, {answer} and {solution}; a line whose slot is empty is left "
+                                        "out [default: TEACHER_TEMPLATE in sdpg.py, Fig. 4's content in our words] "
+                                        "(paper: Fig. 4; released script: the same)")
     group_size: int = _arg(8, "G, answers sampled per question (paper: 8)")
     max_new_tokens: int | None = _arg(None, "longest sampled answer, in tokens [auto: 512; tiny 2] (paper: 4096)")
     temperature: float = _arg(1.0, "sampling temperature; every log-prob and KL uses it too, so p_t is the "
                               "distribution the answers were drawn from (paper: 1.0)")
     top_p: float = _arg(1.0, "nucleus sampling; below 1 the answers no longer come from p_t exactly, so "
                         "the on-policy maths only holds approximately")
+    # reward
+    wrong_reward: float = _arg(0.0, "reward of an answer the verifier rejects (a right one gets 1); alone it "
+                               "changes no advantage, see shaped_reward (paper: 0; released script: -1)")
+    overlong_buffer: int = _arg(0, "DAPO's overlong penalty: the last N tokens before --max-new-tokens cost a "
+                                "reward falling linearly from 0 to -1; 0 = off (paper: off; released script: 512 "
+                                "of 4096)")
     # optimiser
     lr: float | None = _arg(None, "AdamW learning rate [auto: 1e-6; tiny 3e-3] (paper: 1e-6)")
     weight_decay: float = _arg(0.1, "AdamW weight decay (paper: 0.1)")
@@ -106,10 +131,12 @@ class Args:
     # SDPG terms
     beta: float = _arg(1e-3, "beta_base, weight of the gated self-distillation KL; 0 gives the "
                        "RPG/GRPO-style baseline and skips the teacher forward (paper: 1e-3)")
+    gate: bool = _arg(True, "positive-advantage gate m_i = 1[A_i > 0] (Eq. 3.5): distil only answers that beat "
+                      "their group; --no-gate distils every answer (paper: on; released script: off)")
     beta_warmup: int | None = _arg(None, "T_warm, steps of linear beta warm-up, 0 = none "
-                                   "[auto: steps/8] (paper: 50 of 400)")
+                                   "[auto: steps/8] (paper: 50 of 400; released script: 0)")
     beta_decay: int | None = _arg(None, "T_decay, final steps of linear beta decay to 0, 0 = none "
-                                  "[auto: 7*steps/8] (paper: 350 of 400)")
+                                  "[auto: 7*steps/8] (paper: 350 of 400; released script: 0)")
     alpha: float | None = _arg(None, "weight of the KL anchor to the frozen initial model; 0 drops it and "
                                "the reference copy [auto: 1e-3; tiny 0.05, where the anchor to the uniform "
                                "initial model keeps the answers from collapsing onto one digit] (paper: 1e-3)")
@@ -118,11 +145,17 @@ class Args:
                         choices=("urkl", "ufkl", "fkl", "rkl"))
     updates_per_batch: int = _arg(1, "split each batch of rollouts into this many optimiser steps; 1 is exactly "
                                   "on-policy; with more, later steps see answers from an older policy and use the "
-                                  "importance ratio with the dual clip of Appendix A.3")
+                                  "importance ratio with the dual clip of Appendix A.3 (paper: not stated; "
+                                  "released script: 8, mini-batches of 16 of the 128 prompts)")
     clip_low: float = _arg(0.2, "PPO clip eps_low, used only when --updates-per-batch > 1 (paper: 0.2)")
-    clip_high: float = _arg(0.28, "PPO clip eps_high, used only when --updates-per-batch > 1 (paper: 0.28)")
+    clip_high: float = _arg(0.28, "PPO clip eps_high, used only when --updates-per-batch > 1 (paper, Section 4.1: "
+                           "0.2; released script: 0.28)")
     clip_c: float = _arg(10.0, "dual-clip bound c for negative advantages, used only when --updates-per-batch > 1 "
                          "(paper: 10)")
+    loss_agg: str = _arg("group", "how per-token losses are averaged: 'group' divides each group's sum by its "
+                         "answers' total tokens, then averages over prompts (Eq. 3.4); 'token-mean' is a plain mean "
+                         "over all tokens of the update, so longer answers weigh more (paper: group; released "
+                         "script: token-mean)", choices=("group", "token-mean"))
     chunk_size: int = _arg(256, "response tokens per vocabulary chunk: peak memory of the exact KL grows "
                            "with chunk_size x vocabulary size, not with the whole batch")
     # run
@@ -131,6 +164,11 @@ class Args:
     eval_every: int | None = _arg(None, "greedy pass@1 on held-out questions every this many steps, 0 = "
                                   "only before and after training [auto: 50]")
     eval_n: int | None = _arg(None, "held-out questions per evaluation [auto: 200; tiny 100]")
+    eval_samples: int = _arg(0, "K: also sample K answers per held-out question at --eval-temperature and log "
+                             "their mean accuracy, mean@K, as eval_mean_at_k; 0 = greedy pass@1 only (paper and "
+                             "released script: 32)")
+    eval_temperature: float = _arg(1.0, "sampling temperature of the mean@K evaluation (paper and released "
+                                   "script: 1.0)")
     save_every: int | None = _arg(None, "save a checkpoint every this many steps, 0 = only at the end "
                                   "[auto: 100; tiny 0]")
     resume: bool = _arg(False, "continue from the newest checkpoint in --output-dir: weights, optimiser, "
@@ -187,6 +225,11 @@ def check_args(args: Args) -> None:
                  "updates_per_batch", "eval_n", "temperature", "keep_checkpoints"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.eval_samples < 0 or args.eval_temperature < 0:
+        raise SystemExit("error: --eval-samples and --eval-temperature must be >= 0")
+    if not 0 <= args.overlong_buffer <= args.max_new_tokens:
+        raise SystemExit(f"error: --overlong-buffer must be between 0 and --max-new-tokens ({args.max_new_tokens}): "
+                         f"the penalty acts on the last N tokens an answer may have")
     if args.group_size < 2:
         raise SystemExit("error: --group-size must be >= 2: with one answer per question the group std is "
                          "undefined and every advantage is 0, so nothing would be learned")
@@ -338,21 +381,84 @@ def toy_examples(n: int, seed: int) -> list[dict]:
     return out
 
 
-def normalise_row(row: dict, where: str) -> dict:
-    """A dataset row -> {question, answer, solution}. A GSM8K-style answer ('... #### 72') is split
-    into the worked solution (calculator annotations such as <<48/2=24>> removed) and the gold."""
-    for key in ("question", "answer"):
-        if not isinstance(row.get(key), (str, int, float)) or str(row[key]).strip() == "":
-            raise SystemExit(f"error: {where} has no '{key}' field (need question, answer, optional solution)")
-    answer, solution = str(row["answer"]), str(row.get("solution") or "")
-    if "####" in answer:
-        solution = solution or re.sub(r"<<[^>]*>>", "", answer.split("####")[0]).strip()
-        answer = gsm8k_gold(answer)
-    return {"question": str(row["question"]), "answer": answer, "solution": solution}
+class Fields(NamedTuple):
+    """Where a dataset row keeps each part of an example: dotted paths, '' for none."""
+    question: str
+    answer: str
+    solution: str
 
 
-def load_examples(dataset: str, eval_n: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Returns (train, held-out eval) examples. A local file keeps its last eval_n rows for evaluation."""
+def dataset_fields(row: dict, question: str | None, answer: str | None, solution: str | None, where: str) -> Fields:
+    """The field paths given on the command line; the others from the layout of a known dataset:
+
+        DAPO-Math-17k          prompt (chat messages or text), reward_model.ground_truth; no worked solution
+        GSM8K                  question, answer ("<worked solution> #### 72")
+        MATH-500 and others    problem, answer, solution
+        MATH, NuminaMath       problem, solution (a worked solution with a \\boxed{} answer)
+    """
+    if "prompt" in row and isinstance(row.get("reward_model"), dict):
+        auto = Fields("prompt", "reward_model.ground_truth", "")
+    else:
+        auto_answer = next((k for k in ("answer", "solution") if k in row), "answer")
+        auto = Fields(next((k for k in ("question", "problem") if k in row), ""), auto_answer,
+                      "solution" if auto_answer == "answer" and "solution" in row else "")
+    fields = Fields(question or auto.question, answer or auto.answer, auto.solution if solution is None else solution)
+    if not fields.question:
+        raise SystemExit(f"error: {where} matches no known layout (its fields: {', '.join(map(str, row))}); "
+                         f"name them with --question-field and --answer-field")
+    return fields
+
+
+def field_value(row: dict, path: str):
+    """row['a']['b'] for the path 'a.b'; None when a part is missing."""
+    value = row
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def as_text(value) -> str | None:
+    """A field's value as text: a number as written, a list of chat messages as its last user message."""
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        value = ([m for m in value if m.get("role") == "user"] or value)[-1].get("content")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value).strip() == "":
+        return None
+    return str(value)
+
+
+def split_gold(gold: str) -> tuple[str, str]:
+    r"""A gold field -> (answer, worked solution). GSM8K's "<solution> #### 72" gives its solution
+    without the calculator notes such as <<48/2=24>>; a worked solution with a \boxed{} answer (MATH,
+    NuminaMath) is kept whole; anything else is the answer itself, with no solution.
+    >>> split_gold("Half of 8 is $\\boxed{4}$.")
+    ('4', 'Half of 8 is $\\boxed{4}$.')
+    """
+    if "####" in gold:
+        return gsm8k_gold(gold), re.sub(r"<<[^>]*>>", "", gold.split("####")[0]).strip()
+    if "\\boxed" in gold or "\\fbox" in gold:
+        return extract_answer(gold) or "", gold
+    return gold, ""
+
+
+def normalise_row(row: dict, where: str, fields: Fields | None = None) -> dict:
+    """A dataset row -> {question, answer, solution}; `fields` defaults to the row's own layout."""
+    fields = fields or dataset_fields(row, None, None, None, where)
+    question, gold = as_text(field_value(row, fields.question)), as_text(field_value(row, fields.answer))
+    for path, value in ((fields.question, question), (fields.answer, gold)):
+        if value is None:
+            raise SystemExit(f"error: {where} has no '{path}' field (its fields: {', '.join(map(str, row))}; name "
+                             f"the right ones with --question-field and --answer-field)")
+    answer, solution = split_gold(gold)
+    if answer.strip() == "":
+        raise SystemExit(f"error: {where}: no final answer found in its '{fields.answer}' field")
+    given = as_text(field_value(row, fields.solution)) if fields.solution else None
+    return {"question": question, "answer": answer, "solution": given or solution}
+
+
+def load_examples(dataset: str, eval_n: int, seed: int, question_field: str | None = None,
+                  answer_field: str | None = None, solution_field: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Returns (train, held-out eval) examples. A local file keeps its last eval_n rows for evaluation.
+    The field flags name where the question, gold answer and worked solution are (dataset_fields)."""
     if dataset == "toy":
         return toy_examples(5000, seed), toy_examples(eval_n, seed + 1)
     import datasets
@@ -370,7 +476,8 @@ def load_examples(dataset: str, eval_n: int, seed: int) -> tuple[list[dict], lis
         if len(rows) <= eval_n:
             raise SystemExit(f"error: {dataset} has {len(rows)} rows; it needs more than --eval-n {eval_n} "
                              f"(the last --eval-n rows are held out for evaluation)")
-        train_rows, eval_rows = rows.select(range(len(rows) - eval_n)), rows.select(range(len(rows) - eval_n, len(rows)))
+        n_train = len(rows) - eval_n
+        train_rows, eval_rows = rows.select(range(n_train)), rows.select(range(n_train, len(rows)))
     else:
         name, config = ("openai/gsm8k", "main") if dataset == "gsm8k" else (dataset, None)
         try:
@@ -379,8 +486,9 @@ def load_examples(dataset: str, eval_n: int, seed: int) -> tuple[list[dict], lis
         except (OSError, ValueError, ConnectionError) as e:
             raise SystemExit(f"error: could not load dataset '{name}': {first_line(e)} {OFFLINE_HINT}")
         eval_rows = eval_rows.select(range(min(eval_n, len(eval_rows))))
-    train = [normalise_row(r, f"{dataset} train row {i}") for i, r in enumerate(train_rows)]
-    held_out = [normalise_row(r, f"{dataset} eval row {i}") for i, r in enumerate(eval_rows)]
+    fields = dataset_fields(train_rows[0], question_field, answer_field, solution_field, dataset)
+    train = [normalise_row(r, f"{dataset} train row {i}", fields) for i, r in enumerate(train_rows)]
+    held_out = [normalise_row(r, f"{dataset} eval row {i}", fields) for i, r in enumerate(eval_rows)]
     return train, held_out
 
 
@@ -392,16 +500,66 @@ def next_batch(queue: list[int], order: random.Random, n_train: int, k: int) -> 
 
 
 # -----------------------------------------------------------------------------
-# Prompts. The teacher prompt is the student prompt plus the privileged context (paper, Fig. 4);
-# the wording below is ours. Both go through the chat template when the tokenizer has one.
+# Prompts. A template is text with {slots}. The student's holds the question and the instruction;
+# the teacher's adds the privileged context c: the gold answer and a worked solution. Both go
+# through the chat template when the tokenizer has one.
 
-def prompt_texts(example: dict, instruction: str) -> tuple[str, str]:
+STUDENT_TEMPLATE = "{question}\n{instruction}"
+# The paper's teacher prompt (its Fig. 4) is the student prompt followed by the answer, a worked
+# solution, and a request to reach that answer by another, equally rigorous route (or, if there is
+# none, to set out the usual one very clearly) without saying that the answer was given. The words
+# below are ours. The wording shapes q_t and so the size of the KL: it is part of the method.
+TEACHER_TEMPLATE = ("{question}\n{instruction}\n\n"
+                    "Notes for you alone; the reader will not see them.\n"
+                    "Final answer: {answer}\n"
+                    "Worked solution: {solution}\n"
+                    "Reach {answer} by a different route that is just as rigorous (another method, or another "
+                    "choice of variables), if one exists; if none does, lay out the usual route very clearly. "
+                    "Do not mention these notes or that you knew the answer.")
+DEFAULT_TEMPLATES = (STUDENT_TEMPLATE, TEACHER_TEMPLATE)
+STUDENT_SLOTS, TEACHER_SLOTS = {"question", "instruction"}, {"question", "instruction", "answer", "solution"}
+# A slot is {name} after anything but a letter, digit, '_', '}', '^' or '\', so that the LaTeX in a
+# template (\boxed{x}, \frac{a}{b}, x^{n}) stays as it is.
+SLOT = re.compile(r"(?<![\w}^\\])\{([A-Za-z_]\w*)\}")
+
+
+def check_template(template: str, slots: set[str], flag: str) -> str:
+    """Returns the template; one clear line when it uses a slot outside `slots` or lacks {question}."""
+    used = set(SLOT.findall(template))
+    if used - slots or "question" not in used:
+        problem = f"unknown slot {{{sorted(used - slots)[0]}}}" if used - slots else "no {question} slot"
+        raise SystemExit(f"error: {flag} has {problem}; its slots are "
+                         + ", ".join(f"{{{name}}}" for name in sorted(slots)))
+    return template
+
+
+def read_templates(student_file: str | None, teacher_file: str | None) -> tuple[str, str]:
+    """The (student, teacher) templates: the text of the files given, else the defaults above."""
+    texts = []
+    for path, default in ((student_file, STUDENT_TEMPLATE), (teacher_file, TEACHER_TEMPLATE)):
+        if path is not None and not os.path.isfile(path):
+            raise SystemExit(f"error: no such template file: {path}")
+        texts.append(default if path is None else open(path).read())
+    return (check_template(texts[0], STUDENT_SLOTS, "--student-template"),
+            check_template(texts[1], TEACHER_SLOTS, "--teacher-template"))
+
+
+def fill_template(template: str, values: dict[str, str]) -> str:
+    r"""Puts each value into its {slot}. A line with an empty slot (no instruction, no worked
+    solution) is left out, so that no label stands alone.
+    >>> fill_template("{question}\n{instruction}\nAnswer in $\\boxed{x}$.", {"question": "2+2?", "instruction": ""})
+    '2+2?\nAnswer in $\\boxed{x}$.'
+    """
+    lines = [line for line in template.split("\n") if all(values[name].strip() for name in SLOT.findall(line))]
+    return SLOT.sub(lambda m: values[m.group(1)], "\n".join(lines)).strip()
+
+
+def prompt_texts(example: dict, instruction: str,
+                 templates: tuple[str, str] = DEFAULT_TEMPLATES) -> tuple[str, str]:
     """Returns the (student, teacher) user messages for one example."""
-    student = f"{example['question']}\n{instruction}".strip()
-    hint = f"A verified solution, for your eyes only:\n{example['solution']}\n" if example["solution"] else ""
-    hint += (f"Correct final answer: {example['answer']}\n"
-             "Now write your own complete solution. Do not mention that you were given a reference.")
-    return student, f"{student}\n\n{hint}"
+    values = {"question": example["question"], "instruction": instruction, "answer": example["answer"],
+              "solution": example["solution"]}
+    return fill_template(templates[0], values), fill_template(templates[1], values)
 
 
 def encode_prompt(tokenizer, user_text: str) -> list[int]:
@@ -584,6 +742,34 @@ def scatter_tokens(values: Tensor, mask: Tensor) -> Tensor:
 # Losses. Tensors are (n, L) per token, with `weights` holding each token's share of the batch.
 
 
+# DAPO's overlong penalty (Yu et al., 2025) on an answer of |y| tokens, with L = --max-new-tokens
+# and a buffer of B tokens:  0 for |y| <= L - B,  (L - B - |y|) / B for L - B < |y| <= L (-1 at L).
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int) -> Tensor:
+    """lengths (N,) in tokens -> (N,) penalties in [-1, 0]; a buffer of 0 switches it off.
+
+    >>> overlong_penalty(torch.tensor([6, 7, 8, 10]), max_len=10, buffer=4)
+    tensor([ 0.0000, -0.2500, -0.5000, -1.0000])
+    """
+    if buffer <= 0:
+        return torch.zeros(lengths.shape, device=lengths.device)
+    return ((max_len - buffer - lengths) / buffer).clamp(max=0.0)  # (N,)
+
+
+# R_i = 1 if the verifier accepts y_i, else r_wrong; plus the overlong penalty.
+# An affine change of every reward, R -> a R + b with a > 0, leaves the std-normalised advantage of
+# Eq. 2.1 as it was (up to the 1e-6 in its denominator), so the released script's -1 for a wrong
+# answer changes nothing alone: it only sets how much a penalty of up to -1 weighs next to the gap
+# between a right and a wrong answer (1 with r_wrong = 0, 2 with r_wrong = -1).
+def shaped_reward(correct: Tensor, lengths: Tensor, wrong_reward: float, max_len: int, buffer: int) -> Tensor:
+    """correct (N,) 1.0 or 0.0 from the verifier, lengths (N,) answer tokens -> (N,) rewards.
+
+    >>> shaped_reward(torch.tensor([1., 0., 1.]), torch.tensor([5, 9, 10]), -1.0, max_len=10, buffer=4)
+    tensor([ 1.0000, -1.7500,  0.0000])
+    """
+    reward = torch.where(correct > 0, 1.0, wrong_reward).to(correct.device)  # (N,)
+    return reward + overlong_penalty(lengths, max_len, buffer)  # (N,)
+
+
 # A_i = (R_i - mean_G(R)) / (std_G(R) + eps), unbiased std                          (Eq. 2.1)
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
     """Group-relative, std-normalised advantages. rewards (N,) grouped contiguously, N = prompts * G.
@@ -599,17 +785,28 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Ten
     return A.view(-1)  # (N,)
 
 
-def token_weights(mask: Tensor, group_size: int) -> Tensor:
-    """Each token's weight: 1 / (response tokens of its group, all G answers) / (groups).
+# Each token's share of the loss of one update, w_{i,t}, with sum over i, t of w_{i,t} = 1:
+#   group       w_{i,t} = mask_{i,t} / (B * sum_{j in group(i)} |y_j|)   (Eq. 3.4; B prompts, all G answers
+#               of the group counted, gated or not)
+#   token-mean  w_{i,t} = mask_{i,t} / sum_{j,s} mask_{j,s}             (the authors' released code)
+# 'group' gives each prompt the same weight and, inside a group, each token; 'token-mean' gives every
+# token of the update the same weight, so a prompt with long answers weighs more. (The released code
+# takes the mean over each micro-batch and weighs micro-batches by their answer count, which equals
+# this when an update is one micro-batch; the mean over the whole update lets --micro-batch change
+# memory only.) Either way the weights sum to 1 over the update, so sum(w * per_token_loss) splits
+# over micro-batches of any size without changing the result.
+def token_weights(mask: Tensor, group_size: int, agg: str = "group") -> Tensor:
+    """Each token's weight: mask (N, L) of one update, N = prompts x G grouped contiguously -> (N, L).
 
-    mask (N, L) -> (N, L). The weights of the whole batch sum to 1, so sum(weights * per_token_loss)
-    is "normalised per group by its total response tokens, averaged over prompts", and it splits
-    over micro-batches of any size without changing the result.
     >>> token_weights(torch.tensor([[1, 1, 0], [1, 0, 0]]), group_size=2)
     tensor([[0.3333, 0.3333, 0.0000],
             [0.3333, 0.0000, 0.0000]])
     """
     m = mask.float()
+    if agg == "token-mean":
+        return m / m.sum()  # (N, L)
+    if agg != "group":
+        raise ValueError(f"unknown loss aggregation {agg!r}; use group or token-mean")
     tokens_per_group = m.view(-1, group_size, m.shape[1]).sum(dim=(1, 2))  # (B,)
     per_sequence = tokens_per_group.repeat_interleave(group_size)[:, None]  # (N, 1)
     return m / per_sequence / tokens_per_group.shape[0]  # (N, L)
@@ -668,17 +865,18 @@ def policy_loss(logp: Tensor, old_logp: Tensor, A: Tensor, eps_low: float, eps_h
 
 def sdpg_loss(logp: Tensor, old_logp: Tensor, kl_distill: Tensor | None, ref_logp: Tensor | None,
               advantages: Tensor, weights: Tensor, beta_k: float, alpha: float, kl_mode: str,
-              clip_low: float = 0.2, clip_high: float = 0.28, clip_c: float = 10.0) -> Tensor:
+              clip_low: float = 0.2, clip_high: float = 0.28, clip_c: float = 10.0, gate: bool = True) -> Tensor:
     """L_SDPG = L_out + beta(k) L_OPD+ + alpha L_K (Eq. 3.1) for a slice of the batch.
 
     logp, old_logp, kl_distill, ref_logp, weights: (n, L); advantages: (n,). kl_distill None means
-    beta = 0 (no teacher), ref_logp None means alpha = 0 (no reference).
+    beta = 0 (no teacher), ref_logp None means alpha = 0 (no reference). gate=False distils every
+    answer (m_i = 1), as the authors' released script does.
     """
     A = advantages[:, None].detach()  # (n, 1), SG[A]
     per_token = policy_loss(logp, old_logp, A, clip_low, clip_high, clip_c)  # (n, L)
     rho = torch.exp(logp - old_logp).detach()  # (n, L), 1 when on-policy
     if kl_distill is not None:
-        m = (A > 0).float()  # (n, 1), the positive-advantage gate m_i = 1[A_i > 0]      (Eq. 3.5)
+        m = (A > 0).float() if gate else torch.ones_like(A)  # (n, 1), the gate m_i = 1[A_i > 0]  (Eq. 3.5)
         per_token = per_token + beta_k * m * rho * kl_distill
     if ref_logp is not None:
         per_token = per_token + alpha * rho * reference_kl(logp, ref_logp, kl_mode)
@@ -704,10 +902,11 @@ class Rollouts:
 
 
 def collect_rollouts(sampler, tokenizer, examples: list[dict], args: Args, instruction: str, stop_ids: list[int],
-                     device: torch.device, bf16: bool) -> Rollouts:
+                     device: torch.device, bf16: bool,
+                     templates: tuple[str, str] = DEFAULT_TEMPLATES) -> Rollouts:
     """Samples G answers for each example in one generate call and scores them with the verifier."""
     G = args.group_size
-    texts = [prompt_texts(ex, instruction) for ex in examples]
+    texts = [prompt_texts(ex, instruction, templates) for ex in examples]
     student = [encode_prompt(tokenizer, s) for s, _ in texts for _ in range(G)]  # N lists, G copies each
     teacher = [encode_prompt(tokenizer, t) for _, t in texts for _ in range(G)]
     prompt_ids, prompt_mask = left_pad(student, tokenizer.pad_token_id, device)  # (N, P)
@@ -718,7 +917,9 @@ def collect_rollouts(sampler, tokenizer, examples: list[dict], args: Args, instr
                                                args.temperature, args.top_p, stop_ids, tokenizer.pad_token_id)
     completions = decode_responses(tokenizer, response_ids, response_mask)
     golds = [ex["answer"] for ex in examples for _ in range(G)]
-    rewards = torch.tensor([math_reward(c, g) for c, g in zip(completions, golds)], device=device)  # (N,)
+    correct = torch.tensor([math_reward(c, g) for c, g in zip(completions, golds)], device=device)  # (N,)
+    rewards = shaped_reward(correct, response_mask.sum(dim=1), args.wrong_reward, args.max_new_tokens,
+                            args.overlong_buffer)  # (N,)
     return Rollouts(prompt_ids, prompt_mask, teacher_ids, teacher_mask, response_ids, response_mask,
                     rewards, group_advantages(rewards, G))
 
@@ -771,7 +972,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
     sums = dict(loss=0.0, kl_distill=0.0, kl_ref=0.0, entropy=0.0, grad_norm=0.0, skipped_updates=0)
     per_update = N // args.updates_per_batch  # whole groups, checked in check_args()
     for u in range(0, N, per_update):
-        weights = token_weights(rb.response_mask[u:u + per_update], G)  # (n, L), sums to 1 per update
+        weights = token_weights(rb.response_mask[u:u + per_update], G, args.loss_agg)  # (n, L), sums to 1
         update_loss = 0.0
         for i in range(u, u + per_update, args.micro_batch):
             rows = slice(i, min(i + args.micro_batch, u + per_update))
@@ -779,7 +980,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
             old_logp = logp.detach() if rb.old_logp is None else rb.old_logp[rows]
             w = weights[rows.start - u:rows.stop - u]  # (n, L)
             loss = sdpg_loss(logp, old_logp, kl, ref_logp, rb.advantages[rows], w, beta_k, args.alpha,
-                             args.kl_mode, args.clip_low, args.clip_high, args.clip_c)
+                             args.kl_mode, args.clip_low, args.clip_high, args.clip_c, args.gate)
             loss.backward()
             update_loss += loss.item()
             # Metrics, token-averaged over the whole batch (w / updates sums to 1 over everything).
@@ -812,24 +1013,45 @@ def build_optimizer(model: nn.Module, args: Args):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: greedy pass@1 on held-out questions.
+# Evaluation on held-out questions: greedy pass@1 and, optionally, the paper's mean@K (K answers
+# sampled per question at a temperature, the fraction right averaged over questions).
 
 
 def evaluate(model, tokenizer, examples: list[dict], instruction: str, stop_ids: list[int], max_new_tokens: int,
-             batch_size: int, device, bf16) -> list[float]:
-    """Greedy pass@1 per question: 1.0 where the verifier accepts the greedy answer. Its mean is the
-    held-out accuracy."""
+             batch_size: int, device, bf16, samples: int = 1, temperature: float = 0.0,
+             templates: tuple[str, str] = DEFAULT_TEMPLATES) -> list[float]:
+    """Per question, the fraction of its `samples` answers at `temperature` that the verifier accepts.
+    With the defaults (one greedy answer) each is 1.0 or 0.0 and their mean is greedy pass@1; with
+    samples=K and a temperature it is mean@K."""
     model.eval()
+    rows = [ex for ex in examples for _ in range(samples)]  # question-major: K copies of each
     correct = []
-    for i in range(0, len(examples), batch_size):
-        batch = examples[i:i + batch_size]
-        ids, mask = left_pad([encode_prompt(tokenizer, prompt_texts(ex, instruction)[0]) for ex in batch],
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i:i + batch_size]
+        ids, mask = left_pad([encode_prompt(tokenizer, prompt_texts(ex, instruction, templates)[0]) for ex in batch],
                              tokenizer.pad_token_id, device)
         with autocast(device, bf16):
-            resp, resp_mask = generate(model, ids, mask, max_new_tokens, 0.0, 1.0, stop_ids, tokenizer.pad_token_id)
+            resp, resp_mask = generate(model, ids, mask, max_new_tokens, temperature, 1.0, stop_ids,
+                                       tokenizer.pad_token_id)
         texts = decode_responses(tokenizer, resp, resp_mask)
         correct += [math_reward(t, ex["answer"]) for t, ex in zip(texts, batch)]
-    return correct
+    return [sum(correct[q * samples:(q + 1) * samples]) / samples for q in range(len(examples))]
+
+
+def evaluation_metrics(model, tokenizer, held_out: list[dict], instruction: str, templates: tuple[str, str],
+                       stop_ids: list[int], args: Args, device, bf16) -> dict:
+    """eval_accuracy (greedy pass@1) and, with --eval-samples K, eval_mean_at_k (mean@K)."""
+    batch = args.batch_prompts * args.group_size
+    run = lambda k, t: evaluate(model, tokenizer, held_out, instruction, stop_ids, args.max_new_tokens,  # noqa: E731
+                                batch, device, bf16, k, t, templates)
+    row = {"eval_accuracy": sum(run(1, 0.0)) / len(held_out)}
+    if args.eval_samples:
+        # The same seed at every evaluation, in a forked RNG: the training run stays the one it would
+        # be without this evaluation, and the mean@K of two steps is drawn with the same noise.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed)
+            row["eval_mean_at_k"] = sum(run(args.eval_samples, args.eval_temperature)) / len(held_out)
+    return row
 
 
 # -----------------------------------------------------------------------------
@@ -928,14 +1150,14 @@ def catch_interrupts():
 
 
 def check_prompt_lengths(model, tokenizer, examples: list[dict], instruction: str, max_new_tokens: int,
-                         teacher: bool) -> None:
+                         teacher: bool, templates: tuple[str, str] = DEFAULT_TEMPLATES) -> None:
     """Every prompt (the teacher's, the longest view, when there is a teacher) plus an answer must
     fit the model's context."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is None:
         return
     for i, ex in enumerate(examples):
-        n = len(encode_prompt(tokenizer, prompt_texts(ex, instruction)[1 if teacher else 0]))
+        n = len(encode_prompt(tokenizer, prompt_texts(ex, instruction, templates)[1 if teacher else 0]))
         if n + max_new_tokens > limit:
             raise SystemExit(f"error: example {i}'s {'teacher ' if teacher else ''}prompt has {n} tokens; with --max-new-tokens "
                              f"{max_new_tokens} that exceeds the model's context of {limit} tokens")
@@ -960,6 +1182,7 @@ def check_output_head(model, tokenizer, device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    templates = read_templates(args.student_template, args.teacher_template)
     from huggingface_hub.utils import logging as hub_logging
     hub_logging.set_verbosity_error()  # no retry warnings: a failed download is reported in one line
     device, bf16 = pick_device(args.device)
@@ -980,9 +1203,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.gradient_checkpointing:  # transformers 5.2x renamed gradient_ to activation_checkpointing
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
-    train, held_out = load_examples(args.dataset, args.eval_n, args.seed)
+    train, held_out = load_examples(args.dataset, args.eval_n, args.seed, args.question_field, args.answer_field,
+                                    args.solution_field)
     instruction = args.instruction
-    check_prompt_lengths(model, tokenizer, train + held_out, instruction, args.max_new_tokens, args.beta > 0)
+    check_prompt_lengths(model, tokenizer, train + held_out, instruction, args.max_new_tokens, args.beta > 0,
+                         templates)
     check_output_head(model, tokenizer, device)
 
     optimizer, scheduler = build_optimizer(model, args)
@@ -1011,13 +1236,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(held_out)} held out) | device {device}{' bf16' if bf16 else ''} | output {args.output_dir}"
           + (f" | resuming at step {start_step}" if resume_from else ""))
 
-    eval_batch = args.batch_prompts * args.group_size
-    evaluate_now = lambda: sum(evaluate(sampler, tokenizer, held_out, instruction, stop_ids,  # noqa: E731
-                                        args.max_new_tokens, eval_batch, device, bf16)) / len(held_out)
+    evaluate_now = lambda: evaluation_metrics(sampler, tokenizer, held_out, instruction, templates,  # noqa: E731
+                                              stop_ids, args, device, bf16)
     if start_step == 1:
-        acc = evaluate_now()
-        log({"step": 0, "eval_accuracy": acc})
-        print(f"step 0 | eval_accuracy {acc:.3f}")
+        row = {"step": 0, **evaluate_now()}
+        log(row)
+        print("step 0" + "".join(f" | {k} {v:.3f}" for k, v in row.items() if k != "step"))
 
     from tqdm import tqdm
     with catch_interrupts() as stop, metrics_file:
@@ -1027,7 +1251,7 @@ def main(argv: list[str] | None = None) -> None:
             batch, queue = next_batch(queue, order, len(train), args.batch_prompts)
             examples = [train[i] for i in batch]
             refresh_sampler(sampler, model)
-            rb = collect_rollouts(sampler, tokenizer, examples, args, instruction, stop_ids, device, bf16)
+            rb = collect_rollouts(sampler, tokenizer, examples, args, instruction, stop_ids, device, bf16, templates)
             beta_k = beta_schedule(step, args.steps, args.beta, args.beta_warmup, args.beta_decay)
             sums = policy_update(model, ref_model, optimizer, scheduler, rb, beta_k, args, device, bf16)
             row = {"step": step, "reward_mean": rb.rewards.mean().item(), **sums, "beta": beta_k,
@@ -1036,7 +1260,7 @@ def main(argv: list[str] | None = None) -> None:
                    "lr": scheduler.get_last_lr()[0], "time_s": time.time() - t0}
             if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
                 refresh_sampler(sampler, model)
-                row["eval_accuracy"] = evaluate_now()
+                row.update(evaluate_now())
             log(row)
             tqdm.write(format_row(row))
             bad_in_a_row = bad_in_a_row + 1 if sums["skipped_updates"] else 0
@@ -1059,7 +1283,7 @@ def format_row(row: dict) -> str:
     line = (f"step {row['step']:4d} | reward {fmt('reward_mean', '.3f')} | kl_distill {fmt('kl_distill', '.4f')} | "
             f"kl_ref {fmt('kl_ref', '.4f')} | beta {fmt('beta', '.1e')} | gate {fmt('gate_frac', '.2f')} | "
             f"entropy {fmt('entropy', '.3f')} | len {fmt('response_len', '.1f')} | {fmt('time_s', '.2f')}s")
-    return line + (f" | eval_accuracy {row['eval_accuracy']:.3f}" if "eval_accuracy" in row else "")
+    return line + "".join(f" | {k} {row[k]:.3f}" for k in ("eval_accuracy", "eval_mean_at_k") if k in row)
 
 
 if __name__ == "__main__":

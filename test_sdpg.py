@@ -305,7 +305,7 @@ def test_teacher_scores_exactly_the_sampled_ids():
     # both prompts went through the chat template, the teacher's with the privileged context
     assert tok.decode(rb.prompt_ids[0][rb.prompt_mask[0].bool()]).startswith("user: ")
     teacher_text = tok.decode(rb.teacher_ids[0][rb.teacher_mask[0].bool()])
-    assert "correct final answer: " + examples[0]["answer"] in teacher_text and teacher_text.endswith("assistant: ")
+    assert "\nfinal answer: " + examples[0]["answer"] in teacher_text and teacher_text.endswith("assistant: ")
     # the teacher's hidden states at response positions are those of teacher prompt + the SAME ids, alone
     with torch.no_grad():
         h = sdpg.response_hidden_states(model, rb.teacher_ids, rb.teacher_mask, rb.response_ids, rb.response_mask)

@@ -36,13 +36,15 @@ def recheck(run_dir: str) -> dict:
         args = sdpg.Args(**json.load(f))
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         logged = [row["eval_accuracy"] for row in map(json.loads, f) if "eval_accuracy" in row][-1]
-    train, held_out = sdpg.load_examples(args.dataset, args.eval_n, args.seed)
+    train, held_out = sdpg.load_examples(args.dataset, args.eval_n, args.seed, args.question_field,
+                                         args.answer_field, args.solution_field)
     device, bf16 = sdpg.pick_device(args.device)
     model, tokenizer = sdpg.load_model(os.path.join(run_dir, "final"), args.seed)
     stop_ids = sdpg.stop_token_ids(model, tokenizer)  # final/ keeps the run's generation config
     sampler = sdpg.make_sampler(model.to(device), bf16)  # evaluated as in the run: the sampler copy
     correct = sdpg.evaluate(sampler, tokenizer, held_out, args.instruction, stop_ids, args.max_new_tokens,
-                            args.batch_prompts * args.group_size, device, bf16)
+                            args.batch_prompts * args.group_size, device, bf16,
+                            templates=sdpg.read_templates(args.student_template, args.teacher_template))
     met = questions_met(train, args)
     unseen = [c for c, ex in zip(correct, held_out) if ex["question"] not in met]
     return {"logged": logged, "recomputed": statistics.mean(correct), "n_seen": len(correct) - len(unseen),
