@@ -510,12 +510,10 @@ STUDENT_TEMPLATE = "{question}\n{instruction}"
 # none, to set out the usual one very clearly) without saying that the answer was given. The words
 # below are ours. The wording shapes q_t and so the size of the KL: it is part of the method.
 TEACHER_TEMPLATE = ("{question}\n{instruction}\n\n"
-                    "Notes for you alone; the reader will not see them.\n"
                     "Final answer: {answer}\n"
                     "Worked solution: {solution}\n"
-                    "Reach {answer} by a different route that is just as rigorous (another method, or another "
-                    "choice of variables), if one exists; if none does, lay out the usual route very clearly. "
-                    "Do not mention these notes or that you knew the answer.")
+                    "Reach {answer} by another route just as rigorous, if there is one; else explain the usual "
+                    "route very clearly. Never mention knowing the answer.")
 DEFAULT_TEMPLATES = (STUDENT_TEMPLATE, TEACHER_TEMPLATE)
 STUDENT_SLOTS, TEACHER_SLOTS = {"question", "instruction"}, {"question", "instruction", "answer", "solution"}
 # A slot is {name} after anything but a letter, digit, '_', '}', '^' or '\', so that the LaTeX in a

@@ -7,12 +7,14 @@ a closed-form gradient, or the same computation done another way.
 """
 
 import ast
+import dataclasses
 import doctest
 import json
 import math
 import os
 import pathlib
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -552,6 +554,294 @@ def test_offline_demo_does_not_learn_with_the_advantage_sign_flipped(tmp_path, m
 def test_bad_input_is_refused():
     with pytest.raises(SystemExit, match="group-size must be >= 2"):
         sdpg.main(["--model", "tiny", "--group-size", "1"])
+
+
+# -----------------------------------------------------------------------------
+# The paper's and the released script's settings (issue 13): each option against a hand computation
+
+
+def _loss_inputs(seed, N=6, L=4):
+    torch.manual_seed(seed)
+    mask = (torch.rand(N, L) > 0.3).long()
+    mask[:, 0] = 1
+    return mask, -torch.rand(N, L) * mask, torch.rand(N, L) * mask, -torch.rand(N, L) * mask  # mask, logp, kl, ref
+
+
+def test_defaults_give_the_loss_of_eq_3_1_with_the_gate_and_per_group_weights():
+    # A naive loop over groups, answers and tokens of Eq. 3.1 with Eq. 3.4's normaliser, Eq. 3.5's gate
+    # and the urkl anchor, on-policy (rho = 1, so the outcome term is -A per token).
+    mask, logp, kl, ref = _loss_inputs(11)
+    G, beta, alpha = 3, 0.3, 0.2
+    A = sdpg.group_advantages(torch.tensor([1.0, 0, 0, 1, 1, 0]), G)
+    expected = 0.0
+    for g in range(2):
+        rows = range(g * G, g * G + G)
+        tokens = sum(int(mask[i].sum()) for i in rows)
+        for i in rows:
+            for t in range(mask.shape[1]):
+                if mask[i, t]:
+                    per_token = -A[i] + beta * float(A[i] > 0) * kl[i, t] + alpha * 0.5 * (logp[i, t] - ref[i, t]) ** 2
+                    expected += per_token / tokens / 2
+    loss = sdpg.sdpg_loss(logp, logp, kl, ref, A, sdpg.token_weights(mask, G), beta, alpha, "urkl")
+    torch.testing.assert_close(loss, torch.as_tensor(expected, dtype=loss.dtype))
+
+
+def test_no_gate_distils_answers_with_nonpositive_advantage():
+    mask = torch.ones(4, 3)
+    kl = torch.rand(4, 3, requires_grad=True)
+    A = torch.tensor([1.5, -0.5, 0.0, -1.0])
+    w = sdpg.token_weights(mask, group_size=4)
+    for gate, m in ((True, [1.0, 0, 0, 0]), (False, [1.0, 1, 1, 1])):
+        (g,) = torch.autograd.grad(sdpg.sdpg_loss(torch.zeros(4, 3), torch.zeros(4, 3), kl, None, A, w, beta_k=0.3,
+                                                  alpha=0.0, kl_mode="urkl", gate=gate), kl)
+        # d loss / d kl_{i,t} = beta * m_i / (tokens of the group): with no gate m_i = 1 for A_i <= 0 too
+        torch.testing.assert_close(g, 0.3 * torch.tensor(m)[:, None].expand(4, 3) / 12)
+
+
+def test_token_mean_is_a_plain_mean_over_real_tokens_and_group_is_eq_3_4():
+    mask, x, _, _ = _loss_inputs(12)
+    mask[0, 1:] = 1  # the groups' token counts differ, so the two aggregations differ
+    G = 3
+    plain = x[mask.bool()].mean()
+    torch.testing.assert_close((sdpg.token_weights(mask, G, "token-mean") * x).sum(), plain)
+    per_group = [x[g * G:g * G + G][mask[g * G:g * G + G].bool()].mean() for g in range(2)]
+    group = (sdpg.token_weights(mask, G, "group") * x).sum()
+    torch.testing.assert_close(group, (per_group[0] + per_group[1]) / 2)
+    assert not torch.isclose(group, plain)
+    with pytest.raises(ValueError):
+        sdpg.token_weights(mask, G, "seq-mean")
+
+
+def test_token_mean_splits_over_micro_batches():
+    mask, logp, kl, ref = _loss_inputs(13, N=8, L=5)
+    logp.requires_grad_(True)
+    A = sdpg.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1]), 4)
+    w = sdpg.token_weights(mask, 4, "token-mean")
+    args = dict(beta_k=0.1, alpha=0.2, kl_mode="ufkl", gate=False)
+    whole = sdpg.sdpg_loss(logp, logp.detach(), kl, ref, A, w, **args)
+    parts = sum(sdpg.sdpg_loss(logp[i:i + 3], logp[i:i + 3].detach(), kl[i:i + 3], ref[i:i + 3], A[i:i + 3],
+                               w[i:i + 3], **args) for i in range(0, 8, 3))
+    torch.testing.assert_close(whole, parts)
+
+
+def test_overlong_penalty_is_linear_in_the_buffer():
+    L, B = 20, 8
+    lengths = torch.arange(0, L + 1)
+    hand = torch.tensor([0.0 if n <= L - B else -(n - (L - B)) / B for n in range(L + 1)])
+    penalty = sdpg.overlong_penalty(lengths, L, B)
+    torch.testing.assert_close(penalty, hand)
+    torch.testing.assert_close(penalty[L - B:].diff(), torch.full((B,), -1 / B))  # equal steps of -1/B
+    assert penalty[L] == -1.0 and penalty[L - B] == 0.0
+    assert torch.equal(sdpg.overlong_penalty(lengths, L, 0), torch.zeros(L + 1))
+    correct = (lengths % 3 == 0).float()
+    torch.testing.assert_close(sdpg.shaped_reward(correct, lengths, -1.0, L, B),
+                               torch.where(correct > 0, 1.0, -1.0) + hand)
+    torch.testing.assert_close(sdpg.shaped_reward(correct, lengths, 0.0, L, 0), correct)  # the default: R = 1 or 0
+
+
+def test_wrong_reward_changes_the_advantages_only_with_the_overlong_penalty():
+    correct = torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 0])
+    lengths = torch.tensor([3, 10, 4, 9, 10, 2, 8, 1])
+    adv = lambda r_wrong, buffer: sdpg.group_advantages(sdpg.shaped_reward(correct, lengths, r_wrong, 10, buffer), 4)  # noqa: E731
+    torch.testing.assert_close(adv(0.0, 0), adv(-1.0, 0), atol=1e-5, rtol=0)  # affine in R: A unchanged
+    assert not torch.allclose(adv(0.0, 4), adv(-1.0, 4), atol=1e-2)
+
+
+def _fake_generate(tok, said, calls):
+    """A stand-in for sdpg.generate whose j-th answer row (counted over calls) says said[j]."""
+    def generate(model, ids, mask, max_new_tokens, temperature, top_p, stop_ids, pad_id):
+        start = sum(n for n, _ in calls)
+        calls.append((ids.shape[0], temperature))
+        resp = torch.tensor([tok(t).input_ids + [tok.eos_token_id] for t in said[start:start + ids.shape[0]]])
+        return resp, sdpg.response_mask_from_stops(resp, stop_ids)
+    return generate
+
+
+def test_mean_at_k_averages_each_questions_k_answers(tiny, monkeypatch):
+    model, tok = tiny
+    examples = [{"question": str(n), "answer": str(n % 10), "solution": ""} for n in (12, 34, 56)]
+    said = ["2", "2", "9", "4", "0", "0", "1", "1", "1"]  # row j: question j // 3, sample j % 3
+    calls = []
+    monkeypatch.setattr(sdpg, "generate", _fake_generate(tok, said, calls))
+    acc = sdpg.evaluate(model, tok, examples, "", [tok.eos_token_id], 2, 4, torch.device("cpu"), False,
+                        samples=3, temperature=0.7)
+    assert acc == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert calls == [(4, 0.7), (4, 0.7), (1, 0.7)]  # K copies of each question, sampled at T
+
+
+def test_mean_at_k_at_k1_t0_equals_greedy_accuracy(tiny, monkeypatch):
+    # A stand-in sampler: greedily (T = 0) it answers an even question right and an odd one wrong;
+    # sampling (T > 0) it says a random digit. (The untrained tiny model only ever says spaces.)
+    def generate(model, ids, mask, max_new_tokens, temperature, top_p, stop_ids, pad_id):
+        numbers = [int(re.search(r"\d+", tok.decode(row[m.bool()])).group()) for row, m in zip(ids, mask)]
+        said = [(str(n % 10) if n % 2 == 0 else "x") if temperature == 0 else str(int(torch.randint(10, ())))
+                for n in numbers]
+        resp = torch.tensor([tok(t).input_ids + [tok.eos_token_id] for t in said])
+        return resp, sdpg.response_mask_from_stops(resp, stop_ids)
+
+    model, tok = tiny
+    monkeypatch.setattr(sdpg, "generate", generate)
+    held_out = sdpg.toy_examples(12, seed=4)
+    greedy = [float(int(ex["question"]) % 2 == 0) for ex in held_out]  # by hand
+    args = sdpg.parse_args(["--model", "tiny", "--batch-prompts", "2", "--group-size", "2", "--eval-samples", "1",
+                            "--eval-temperature", "0"])
+    row = sdpg.evaluation_metrics(model, tok, held_out, "", sdpg.DEFAULT_TEMPLATES, [tok.eos_token_id], args,
+                                  torch.device("cpu"), False)
+    assert 0 < sum(greedy) < 12 and row == {"eval_accuracy": sum(greedy) / 12, "eval_mean_at_k": sum(greedy) / 12}
+    # K greedy answers to a question are K copies of the one
+    assert sdpg.evaluate(model, tok, held_out, "", [tok.eos_token_id], 2, 5, torch.device("cpu"), False,
+                         samples=3, temperature=0.0) == greedy
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+LAYOUTS = {  # name: (one row, what it becomes, field flags)
+    "gsm8k": ({"question": "How many?", "answer": "Add 2 and 3: <<2+3=5>>5 pens.\n#### 5"},
+              {"question": "How many?", "answer": "5", "solution": "Add 2 and 3: 5 pens."}, {}),
+    "math": ({"problem": "Find x.", "solution": "So $x = \\boxed{\\frac{1}{2}}$.", "level": "Level 2"},
+             {"question": "Find x.", "answer": "\\frac{1}{2}", "solution": "So $x = \\boxed{\\frac{1}{2}}$."}, {}),
+    "math-500": ({"problem": "Find y.", "solution": "Then $y = \\boxed{7}$.", "answer": "7"},
+                 {"question": "Find y.", "answer": "7", "solution": "Then $y = \\boxed{7}$."}, {}),
+    "problem-answer": ({"problem": "Find z.", "answer": 12}, {"question": "Find z.", "answer": "12", "solution": ""}, {}),
+    "dapo-math-17k": ({"data_source": "math_dapo", "ability": "MATH", "extra_info": {"index": "a1"},
+                       "prompt": [{"role": "system", "content": "Be careful."},
+                                  {"role": "user", "content": "Solve it. What is 30 + 4?"}],
+                       "reward_model": {"ground_truth": "34", "style": "rule"}},
+                      {"question": "Solve it. What is 30 + 4?", "answer": "34", "solution": ""}, {}),
+    # open-r1's processed copy: the prompt as text and a 'solution' column that is only the answer
+    "dapo-processed": ({"prompt": "What is 30 + 4?", "solution": "34",
+                        "reward_model": {"ground_truth": "34", "style": "rule"}},
+                       {"question": "What is 30 + 4?", "answer": "34", "solution": ""}, {}),
+    "flags": ({"input": {"text": "What is 4 + 5?"}, "target": "9", "work": "4 + 5 = 9"},
+              {"question": "What is 4 + 5?", "answer": "9", "solution": "4 + 5 = 9"},
+              {"question_field": "input.text", "answer_field": "target", "solution_field": "work"}),
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_each_dataset_layout_loads_from_a_local_file(name, tmp_path):
+    row, expected, flags = LAYOUTS[name]
+    path = _write_jsonl(tmp_path / "d.jsonl", [row] * 3)
+    train, held_out = sdpg.load_examples(path, eval_n=1, seed=0, **flags)
+    assert train == [expected, expected] and held_out == [expected]
+
+
+def test_dapo_layout_loads_from_parquet_and_unknown_layouts_get_one_line(tmp_path):
+    import datasets
+
+    row, expected, _ = LAYOUTS["dapo-math-17k"]
+    datasets.Dataset.from_list([row] * 3).to_parquet(str(tmp_path / "d.parquet"))
+    assert sdpg.load_examples(str(tmp_path / "d.parquet"), eval_n=1, seed=0)[1] == [expected]
+    path = _write_jsonl(tmp_path / "odd.jsonl", [{"input": "What is 4 + 5?", "target": "9"}] * 3)
+    with pytest.raises(SystemExit, match=r"matches no known layout \(its fields: input, target\)") as e:
+        sdpg.load_examples(path, eval_n=1, seed=0)
+    assert "\n" not in str(e.value.code)
+    with pytest.raises(SystemExit, match="has no 'answer' field"):
+        sdpg.load_examples(path, eval_n=1, seed=0, question_field="input")
+    assert sdpg.load_examples(path, eval_n=1, seed=0, question_field="input", answer_field="target")[1] == [
+        {"question": "What is 4 + 5?", "answer": "9", "solution": ""}]
+
+
+GSM8K_DIR = os.path.join(HERE, "..", "shared", "data", "gsm8k")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_gsm8k_reference_solution_earns_reward_1(split):
+    path = os.path.join(GSM8K_DIR, f"{split}.jsonl")
+    if not os.path.isfile(path):
+        pytest.skip("GSM8K's published files are not at ../shared/data/gsm8k (they are not part of the repository)")
+    raw = [json.loads(line) for line in open(path)]
+    train, held_out = sdpg.load_examples(path, eval_n=1, seed=0)
+    assert len(train) + len(held_out) == len(raw) > 1000
+    bad = [(row["answer"][-60:], ex["answer"]) for row, ex in zip(raw, train + held_out)
+           if ex["question"] != row["question"] or math_reward(row["answer"], ex["answer"]) != 1.0
+           or not ex["solution"] or "####" in ex["solution"] or "<<" in ex["solution"]]
+    assert not bad, bad[:5]
+
+
+def test_default_teacher_prompt_carries_figure_4s_content():
+    ex = {"question": "What is 6 x 7?", "answer": "42", "solution": "6 x 7 = 42."}
+    student, teacher = sdpg.prompt_texts(ex, sdpg.INSTRUCTION)
+    assert student == "What is 6 x 7?\n" + sdpg.INSTRUCTION  # the student's prompt as before
+    assert teacher.startswith(student + "\n")  # the teacher sees it too, then the privileged context
+    context = teacher[len(student):]
+    for part in ("Final answer: 42", "Worked solution: 6 x 7 = 42.", "Reach 42 by another route just as rigorous",
+                 "explain the usual route very clearly", "Never mention knowing the answer"):
+        assert part in context, part
+    _, no_solution = sdpg.prompt_texts({**ex, "solution": ""}, "")
+    assert "Worked solution" not in no_solution and "{" not in no_solution and "Final answer: 42" in no_solution
+
+
+def test_prompt_templates_from_files(tmp_path, tiny):
+    ex = {"question": "What is 6 x 7?", "answer": "42", "solution": "6 x 7 = 42."}
+    student_file, teacher_file = tmp_path / "student.txt", tmp_path / "teacher.txt"
+    student_file.write_text("Problem: {question}\n{instruction}\n")
+    teacher_file.write_text("Q: {question}\nGold {answer}; see {solution}\nKeep $\\frac{a}{b}$, x^{n} and \\boxed{x}.\n")
+    templates = sdpg.read_templates(str(student_file), str(teacher_file))
+    assert sdpg.prompt_texts(ex, "Be brief.", templates) == (
+        "Problem: What is 6 x 7?\nBe brief.",
+        "Q: What is 6 x 7?\nGold 42; see 6 x 7 = 42.\nKeep $\\frac{a}{b}$, x^{n} and \\boxed{x}.")
+    # the teacher prompts of a rollout come from the template
+    model, tok = tiny
+    args = sdpg.parse_args(["--model", "tiny", "--group-size", "2"])
+    rb = sdpg.collect_rollouts(model, tok, sdpg.toy_examples(1, seed=0), args, "", [tok.eos_token_id],
+                               torch.device("cpu"), False, templates)
+    assert tok.decode(rb.teacher_ids[0][rb.teacher_mask[0].bool()]).startswith("q: ")
+    for student, teacher, message in [("{question} {answer}", None, r"--student-template has unknown slot \{answer\}"),
+                                      (None, "{question} {hint}", r"--teacher-template has unknown slot \{hint\}"),
+                                      (None, "Gold {answer}", r"--teacher-template has no \{question\} slot")]:
+        for path, text in ((student_file, student), (teacher_file, teacher)):
+            path.write_text(text or "{question}")
+        with pytest.raises(SystemExit, match=message) as e:
+            sdpg.read_templates(str(student_file), str(teacher_file))
+        assert "\n" not in str(e.value.code)
+    with pytest.raises(SystemExit, match="no such template file"):
+        sdpg.read_templates(None, str(tmp_path / "missing.txt"))
+
+
+def test_help_gives_the_paper_and_the_released_value_of_each_new_option():
+    fields = {f.name: f for f in dataclasses.fields(sdpg.Args)}
+    for name in ("gate", "loss_agg", "student_template", "teacher_template", "wrong_reward", "overlong_buffer",
+                 "eval_samples", "eval_temperature", "beta_warmup", "beta_decay", "updates_per_batch", "clip_high"):
+        help = fields[name].metadata["help"]
+        assert "paper" in help and "released script" in help, name
+    a = sdpg.parse_args(["--model", "tiny"])
+    assert (a.gate, a.loss_agg, a.wrong_reward, a.overlong_buffer, a.eval_samples) == (True, "group", 0.0, 0, 0)
+    assert sdpg.parse_args(["--model", "tiny", "--no-gate"]).gate is False
+    for flags, message in ((["--overlong-buffer", "3"], "between 0 and --max-new-tokens"),
+                           (["--eval-samples", "-1"], "must be >= 0")):
+        with pytest.raises(SystemExit, match=message):
+            sdpg.parse_args(["--model", "tiny", *flags])
+
+
+def test_released_configuration_runs_and_splits_over_micro_batches(tmp_path):
+    # The released script's settings end to end on a local DAPO-layout file. The same run with another
+    # --micro-batch and with a mean@K evaluation trains the same: neither changes a training number.
+    from transformers import AutoModelForCausalLM
+
+    rows = [{"prompt": [{"role": "user", "content": f"{n:02d}"}], "reward_model": {"ground_truth": f"{n % 10}"}}
+            for n in range(40)]
+    data = _write_jsonl(tmp_path / "dapo.jsonl", rows)
+    (tmp_path / "teacher.txt").write_text("{question}\nanswer: {answer}")  # short: a quick teacher forward
+    run = ["--model", "tiny", "--dataset", data, "--steps", "1", "--batch-prompts", "2", "--group-size", "4",
+           "--eval-n", "4", "--no-gate", "--loss-agg", "token-mean", "--wrong-reward", "-1", "--overlong-buffer", "1",
+           "--updates-per-batch", "2", "--beta", "0.5", "--beta-warmup", "0", "--beta-decay", "0",
+           "--teacher-template", str(tmp_path / "teacher.txt")]
+    sdpg.main(run + ["--micro-batch", "3", "--output-dir", str(tmp_path / "a")])
+    sdpg.main(run + ["--micro-batch", "8", "--eval-samples", "2", "--output-dir", str(tmp_path / "b")])
+    a, b = _rows(tmp_path / "a" / "metrics.jsonl"), _rows(tmp_path / "b" / "metrics.jsonl")
+    assert "eval_mean_at_k" not in a[0] and all(0 <= r.pop("eval_mean_at_k") <= 1 for r in b)
+    for x, y in zip(_comparable(a), _comparable(b)):
+        assert x == pytest.approx(y, rel=1e-5, abs=1e-7)
+    assert -2 <= a[1]["reward_mean"] <= 1 and a[1]["kl_distill"] > 0
+    final = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "final").state_dict() for run in "ab"]
+    for name, weight in final[0].items():
+        torch.testing.assert_close(weight, final[1][name], rtol=1e-4, atol=1e-6)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["gate"], config["loss_agg"], config["overlong_buffer"]) == (False, "token-mean", 1)
 
 
 # -----------------------------------------------------------------------------
