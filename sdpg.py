@@ -148,8 +148,8 @@ class Args:
                                   "importance ratio with the dual clip of Appendix A.3 (paper: not stated; "
                                   "released script: 8, mini-batches of 16 of the 128 prompts)")
     clip_low: float = _arg(0.2, "PPO clip eps_low, used only when --updates-per-batch > 1 (paper: 0.2)")
-    clip_high: float = _arg(0.28, "PPO clip eps_high, used only when --updates-per-batch > 1 (paper, Section 4.1: "
-                           "0.2; released script: 0.28)")
+    clip_high: float = _arg(0.28, "PPO clip eps_high, used only when --updates-per-batch > 1 (paper, Section 4.1, "
+                           "for its baselines: 0.2; released script: 0.28)")
     clip_c: float = _arg(10.0, "dual-clip bound c for negative advantages, used only when --updates-per-batch > 1 "
                          "(paper: 10)")
     loss_agg: str = _arg("group", "how per-token losses are averaged: 'group' divides each group's sum by its "
