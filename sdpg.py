@@ -102,11 +102,12 @@ class Args:
                                    f"prompt templates); '' for none [auto: none for toy, else: '{INSTRUCTION}']")
     student_template: str | None = _arg(None, "FILE holding the student's prompt, with the slots {question} and "
                                         "optionally {instruction} [default: the question, then the instruction] "
-                                        "(paper: Fig. 4; released script: the same)")
+                                        "(paper: its Fig. 4, whose words are not copied here; released script: "
+                                        "taken to be the same)")
     teacher_template: str | None = _arg(None, "FILE holding the teacher's prompt, with the slots {question}, "
                                         "{instruction}, {answer} and {solution}; a line whose slot is empty is left "
                                         "out [default: TEACHER_TEMPLATE in sdpg.py, Fig. 4's content in our words] "
-                                        "(paper: Fig. 4; released script: the same)")
+                                        "(paper: its Fig. 4; released script: taken to be the same)")
     group_size: int = _arg(8, "G, answers sampled per question (paper: 8)")
     max_new_tokens: int | None = _arg(None, "longest sampled answer, in tokens [auto: 512; tiny 2] (paper: 4096)")
     temperature: float = _arg(1.0, "sampling temperature; every log-prob and KL uses it too, so p_t is the "

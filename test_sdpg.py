@@ -642,7 +642,9 @@ def test_overlong_penalty_is_linear_in_the_buffer():
 def test_wrong_reward_changes_the_advantages_only_with_the_overlong_penalty():
     correct = torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 0])
     lengths = torch.tensor([3, 10, 4, 9, 10, 2, 8, 1])
-    adv = lambda r_wrong, buffer: sdpg.group_advantages(sdpg.shaped_reward(correct, lengths, r_wrong, 10, buffer), 4)  # noqa: E731
+    def adv(r_wrong, buffer):
+        return sdpg.group_advantages(sdpg.shaped_reward(correct, lengths, r_wrong, 10, buffer), 4)
+
     torch.testing.assert_close(adv(0.0, 0), adv(-1.0, 0), atol=1e-5, rtol=0)  # affine in R: A unchanged
     assert not torch.allclose(adv(0.0, 4), adv(-1.0, 4), atol=1e-2)
 
@@ -705,7 +707,8 @@ LAYOUTS = {  # name: (one row, what it becomes, field flags)
              {"question": "Find x.", "answer": "\\frac{1}{2}", "solution": "So $x = \\boxed{\\frac{1}{2}}$."}, {}),
     "math-500": ({"problem": "Find y.", "solution": "Then $y = \\boxed{7}$.", "answer": "7"},
                  {"question": "Find y.", "answer": "7", "solution": "Then $y = \\boxed{7}$."}, {}),
-    "problem-answer": ({"problem": "Find z.", "answer": 12}, {"question": "Find z.", "answer": "12", "solution": ""}, {}),
+    "problem-answer": ({"problem": "Find z.", "answer": 12},
+                       {"question": "Find z.", "answer": "12", "solution": ""}, {}),
     "dapo-math-17k": ({"data_source": "math_dapo", "ability": "MATH", "extra_info": {"index": "a1"},
                        "prompt": [{"role": "system", "content": "Be careful."},
                                   {"role": "user", "content": "Solve it. What is 30 + 4?"}],
@@ -779,7 +782,8 @@ def test_prompt_templates_from_files(tmp_path, tiny):
     ex = {"question": "What is 6 x 7?", "answer": "42", "solution": "6 x 7 = 42."}
     student_file, teacher_file = tmp_path / "student.txt", tmp_path / "teacher.txt"
     student_file.write_text("Problem: {question}\n{instruction}\n")
-    teacher_file.write_text("Q: {question}\nGold {answer}; see {solution}\nKeep $\\frac{a}{b}$, x^{n} and \\boxed{x}.\n")
+    teacher_file.write_text("Q: {question}\nGold {answer}; see {solution}\n"
+                            "Keep $\\frac{a}{b}$, x^{n} and \\boxed{x}.\n")
     templates = sdpg.read_templates(str(student_file), str(teacher_file))
     assert sdpg.prompt_texts(ex, "Be brief.", templates) == (
         "Problem: What is 6 x 7?\nBe brief.",
