@@ -662,12 +662,12 @@ def _fake_generate(tok, said, calls):
 def test_mean_at_k_averages_each_questions_k_answers(tiny, monkeypatch):
     model, tok = tiny
     examples = [{"question": str(n), "answer": str(n % 10), "solution": ""} for n in (12, 34, 56)]
-    said = ["2", "2", "9", "4", "0", "0", "1", "1", "1"]  # row j: question j // 3, sample j % 3
+    said = ["2", "2", "9", "4", "0", "0", "1", "6", "1"]  # row j: question j // 3, sample j % 3
     calls = []
     monkeypatch.setattr(sdpg, "generate", _fake_generate(tok, said, calls))
     acc = sdpg.evaluate(model, tok, examples, "", [tok.eos_token_id], 2, 4, torch.device("cpu"), False,
                         samples=3, temperature=0.7)
-    assert acc == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert acc == pytest.approx([2 / 3, 1 / 3, 1 / 3])
     assert calls == [(4, 0.7), (4, 0.7), (1, 0.7)]  # K copies of each question, sampled at T
 
 
