@@ -29,6 +29,8 @@ Choices made here, each on purpose:
     the authors' default; ufkl, best in their tables; fkl; rkl: Appendix A.2).
   * One optimiser step per batch of rollouts by default, which is exactly on-policy; with
     --updates-per-batch > 1 the importance ratio and DAPO's dual clip come in (Appendix A.3).
+  * Sampling, nearly all of a step's time, is a decoding loop of our own: a static KV cache and one
+    fixed-shape step, recorded once as a CUDA graph on a GPU, instead of transformers' generate().
 
 Run it:
   python sdpg.py --model tiny --dataset toy     # offline demo on a laptop CPU, about a minute
@@ -567,7 +569,8 @@ def cached_attention(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, keys:
 
 def run_layers(model: nn.Module, ids: Tensor, positions: Tensor, state: DecodeState, columns: Tensor,
                allowed: Tensor) -> Tensor:
-    """The model's transformer on new tokens ids, positions (N, T) at cache `columns` -> final hidden states (N, T, H)."""
+    """The model's transformer on new tokens: ids, positions (N, T) that go into cache `columns` (T,)
+    -> final hidden states (N, T, H)."""
     base = model.base_model
     x = model.get_input_embeddings()(ids)  # (N, T, H)
     cos, sin = base.rotary_emb(x, positions)  # (N, T, D) each
@@ -737,14 +740,16 @@ def hf_generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_n
     return response_ids, response_mask_from_stops(response_ids, stop_ids)
 
 
-# Sampling from float32 weights under bf16 autocast re-casts every weight at every new token: on
-# an H200 that measured 2.8x slower than bf16 weights (51 vs 18 ms per step for 16 answers,
-# benchmarks/sampling_dtype.py), though decoding times on that card were unstable (README,
-# Performance) and a re-measurement is due. So on CUDA the answers come from a bf16 copy of the
-# policy whose weights are refreshed from the float32 master weights before each rollout, for 2
-# bytes per parameter of extra memory. The copy is close to, not bit-identical with, the autocast forward
-# that scores the answers (autocast keeps norms and the residual stream in float32): like every
-# RL system with a separate inference engine, the rollouts are on-policy up to bf16 rounding.
+# The decoding loop computes in its model's dtype, and a decoding step is bound by reading the
+# weights: float32 weights read 4 bytes per parameter per token, bf16 ones 2. (Under transformers'
+# generate, float32 weights with bf16 autocast measured 2.8x slower than bf16 weights on an H200, in
+# runs that were unstable; benchmarks/sampling_dtype.py makes the fair measurement, not yet run on a
+# GPU.) So on CUDA the answers come from a bf16 copy of the policy whose weights are refreshed from
+# the float32 master weights before each rollout, in place so that the recorded CUDA graph reads
+# them, for 2 bytes per parameter of extra memory. The copy is close to, not bit-identical with,
+# the autocast forward that scores the answers (autocast keeps norms and the residual stream in
+# float32): like every RL system with a separate inference engine, the rollouts are on-policy up to
+# bf16 rounding.
 def make_sampler(model: nn.Module, bf16: bool) -> nn.Module:
     """The model that generates: a frozen bf16 copy when computing in bf16, else the model itself."""
     return frozen_copy(model, torch.bfloat16) if bf16 else model

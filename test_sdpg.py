@@ -569,10 +569,11 @@ def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(HERE, "benchmarks", "bench_sdpg.py"), "--shape", "tiny", "--device", "cpu",
            "--prompt-len", "8", "--context-len", "8", "--response-len", "16", "--steps", "1",
-           "--rollout-prompts", "2", "--rollout-tokens", "8", "--json", str(out)]
+           "--rollout-answers", "8", "16", "--rollout-tokens", "4", "8", "--rollout-prompt-lens", "3", "9",
+           "--baseline-max-tokens", "4", "--jitter", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| step | mode | grad ckpt |" in proc.stdout and "tokens/s" in proc.stdout
+    assert "| step | mode | grad ckpt |" in proc.stdout and "ms per decoding step" in proc.stdout
     result = json.loads(out.read_text())
     assert result["meta"]["shape"] == "tiny" and "--shape tiny" in result["meta"]["command"]
     rows = result["rows"]
@@ -583,17 +584,36 @@ def test_benchmark_smoke(tmp_path):
     (whole,) = [r for r in rows if r["kind"] == "whole_step"]
     for r in [*updates.values(), whole]:
         assert positive(r["time_s"]) and positive(r["peak_gib"]), r
+    assert positive(whole["first_step_s"])
     ratios = [r for r in rows if r["kind"] == "update_ratio"]
     assert sorted(r["grad_ckpt"] for r in ratios) == [False, True]
     assert all(positive(r["time_ratio"]) for r in ratios)
 
-    rollouts = {r["sampler"]: r for r in rows if r["kind"] == "rollout"}
-    assert set(rollouts) == {"sdpg.generate", "model.generate"}
-    for r in rollouts.values():
-        assert r["sequences"] == 2 * 8 and r["new_tokens"] == 8, r  # 2 prompts x G = 8, full length
-        assert positive(r["time_s"]) and positive(r["tokens_per_s"]), r
-    (ratio,) = [r for r in rows if r["kind"] == "rollout_ratio"]
-    assert positive(ratio["throughput_ratio"])
+    # sdpg.generate at every shape; model.generate only up to --baseline-max-tokens; prompts left-padded
+    rollouts = {(r["sampler"], r["answers"], r["max_new_tokens"]): r for r in rows if r["kind"] == "rollout"}
+    assert set(rollouts) == {("sdpg.generate", n, t) for n in (8, 16) for t in (4, 8)} | \
+        {("model.generate", n, 4) for n in (8, 16)}
+    for (_, n, t), r in rollouts.items():
+        assert 1 <= r["new_tokens"] <= t and r["prompt_len"] <= 9, r
+        assert positive(r["ms_per_step"]) and r["tokens_per_s"] == pytest.approx(n * r["new_tokens"] / r["time_s"])
+    speedups = {(r["answers"], r["new_tokens"]) for r in rows if r["kind"] == "rollout_ratio"
+                and positive(r["throughput_ratio"])}
+    assert speedups == {(8, 4), (16, 4)}
+    assert len([r for r in rows if r["kind"] == "decode_setup"]) == 4
+    jitter = [r for r in rows if r["kind"] == "jitter"]
+    assert sorted((r["answers"], r["gc"]) for r in jitter) == [(8, "off"), (8, "on"), (16, "off"), (16, "on")]
+    assert all(r["new_tokens"] == 4 and 0 < r["median_ms"] <= r["max_ms"] for r in jitter)
+
+
+def test_decode_check_passes_on_the_cpu(tmp_path):
+    """benchmarks/decode_check.py, the GPU checks of the decoding loop, runs and passes at the tiny shape."""
+    out = tmp_path / "check.json"
+    cmd = [sys.executable, os.path.join(HERE, "benchmarks", "decode_check.py"), "--answers", "8", "--new-tokens", "12",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "FAIL" not in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["greedy answers equal model.generate's"] and result["rows_equal_to_model_generate"] == 1.0
 
 
 def test_decode_step_clock_times_every_step_and_changes_nothing():
@@ -622,7 +642,7 @@ def test_sampling_dtype_smoke(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"2", "3"}
     for rows in results.values():
-        assert set(rows) == {"float32 + bf16 autocast", "bf16 copy"}
+        assert set(rows) == {"float32 weights", "bf16 copy"}
         for r in rows.values():
             assert len(r["runs"]) == 2 and all(x > 0 for x in r["runs"])
             assert r["min"] <= r["median"] <= r["max"]
