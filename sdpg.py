@@ -32,6 +32,8 @@ Choices made here, each on purpose:
   * The defaults follow the paper. Where the authors' released training script differs (no gate,
     constant beta, a token mean, +1/-1 rewards with an overlong penalty, 8 updates per batch), a
     flag gives its value; --help names both, and README.md has both command lines.
+  * Sampling, nearly all of a step's time, is a decoding loop of our own: a static KV cache and one
+    fixed-shape step, recorded once as a CUDA graph on a GPU, instead of transformers' generate().
 
 Run it:
   python sdpg.py --model tiny --dataset toy     # offline demo on a laptop CPU, about a minute
@@ -52,6 +54,7 @@ import shutil
 import signal
 import string
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -611,14 +614,279 @@ def decode_responses(tokenizer, response_ids: Tensor, response_mask: Tensor) -> 
             for ids, m in zip(response_ids, response_mask)]
 
 
+# Decoding is nearly all of an SDPG step's time: 1,024 new tokens are 1,024 forward passes one after
+# the other, each reading every weight once. transformers' generate() runs each pass as about a
+# thousand small kernel launches and then waits on the host to ask whether every row has stopped,
+# so on a GPU the host, not the hardware, sets its pace. The loop below keeps everything one step
+# touches in tensors of a fixed shape, allocated once per batch shape: a key/value cache with a
+# column for every position of prompt + answer, the token ids, the positions and the stop flags.
+# A step is then the same kernels on the same memory every time, which CUDA records once as a graph
+# and replays with a single launch per token. The loop calls the model's own embeddings, norms,
+# projections, MLPs and rotary embedding; only attention over the cache is written out here (the
+# cache classes of transformers change their API from one release to the next).
+
+FAST_DECODING_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # decoder layers made of exactly those parts
+
+
+def fast_decoding_unsupported(model: nn.Module) -> str | None:
+    """Why decode_step cannot serve this model, or None when it can."""
+    config = model.config
+    if config.model_type not in FAST_DECODING_MODEL_TYPES:
+        return f"model type '{config.model_type}' (the loop serves {', '.join(FAST_DECODING_MODEL_TYPES)})"
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    if sliding or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return "sliding-window attention"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if rope_type in ("dynamic", "longrope"):  # these rescale RoPE from the sequence length, on the host
+        return f"RoPE type '{rope_type}'"
+    return None
+
+
+@dataclass
+class DecodeState:
+    """Every tensor a decoding step reads or writes, for one batch shape. Allocated once and updated
+    in place: a CUDA graph replays the same memory addresses."""
+    keys: Tensor  # (layers, N, H_kv, C, D) the KV cache: a column per position of prompt + answer
+    values: Tensor  # (layers, N, H_kv, C, D)
+    ids: Tensor  # (N, C) the left-padded prompt ids, then the sampled ids
+    visible: Tensor  # (N, C) bool: the column holds a real token (not padding, not yet written)
+    position: Tensor  # (N,) RoPE position of the token in `column`: the number of real tokens before it
+    column: Tensor  # (1,) the column of the newest token, the input of the next step
+    done: Tensor  # (N,) bool: the row has sampled a stop token
+    stop_ids: Tensor  # (S,)
+    pad_id: int
+    graphs: dict = field(default_factory=dict)  # temperature -> torch.cuda.CUDAGraph of decode_step
+
+
+def new_decode_state(model: nn.Module, n: int, columns: int, stop_ids: list[int], pad_id: int) -> DecodeState:
+    """Zeroed state for n rows and a cache of `columns` positions, on the model's device and in its dtype."""
+    p, config = next(model.parameters()), model.config
+    head_dim = model.base_model.layers[0].self_attn.head_dim
+    cache_shape = (config.num_hidden_layers, n, config.num_key_value_heads, columns, head_dim)
+
+    def zeros(*shape, dtype=torch.long):
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+    return DecodeState(keys=zeros(*cache_shape, dtype=p.dtype), values=zeros(*cache_shape, dtype=p.dtype),
+                       ids=zeros(n, columns), visible=zeros(n, columns, dtype=torch.bool), position=zeros(n),
+                       column=zeros(1), done=zeros(n, dtype=torch.bool),
+                       stop_ids=torch.tensor(stop_ids, device=p.device), pad_id=pad_id)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding in the half-split layout of Hugging Face checkpoints.
+    x (N, H, T, D), cos and sin (N, T, D) from the model's own rotary_emb -> (N, H, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+# Grouped-query attention: Qwen2.5-0.5B's 14 query heads share 2 key/value heads, 7 to a group.
+# Decoding reads the whole cache at every token, so each key/value head is read once for its group
+# (the group's query heads become rows of one matmul) instead of being copied once per query head,
+# which is what transformers' sdpa path does whenever there is a padding mask: 7x the cache traffic.
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """q (N, H_q, T, D); k, v (N, H_kv, S, D); allowed (N, 1, T, S) bool -> (N, H_q, T, D).
+    Query head h attends with key/value head h // (H_q / H_kv), as in transformers."""
+    N, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    q = q.reshape(N, Hkv, Hq // Hkv * T, D)  # (N, H_kv, group x T, D)
+    scores = (q @ k.transpose(2, 3)).view(N, Hq, T, S) * scale  # (N, H_q, T, S)
+    probs = scores.masked_fill(~allowed, float("-inf")).float().softmax(dim=-1).to(v.dtype)  # (N, H_q, T, S)
+    return (probs.view(N, Hkv, Hq // Hkv * T, S) @ v).view(N, Hq, T, D)
+
+
+def cached_attention(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
+                     columns: Tensor, allowed: Tensor) -> Tensor:
+    """One attention block of the model for new tokens x (N, T, H) that sit in cache `columns` (T,).
+
+    Writes their keys and values into keys, values (N, H_kv, C, D), then attends over the first S
+    cache columns as allowed (N, T, S) says. Returns the block's output (N, T, H).
+    """
+    N, T, _ = x.shape
+    D = attn.head_dim
+    q = attn.q_proj(x).view(N, T, -1, D)  # (N, T, H_q, D)
+    k = attn.k_proj(x).view(N, T, -1, D)  # (N, T, H_kv, D)
+    v = attn.v_proj(x).view(N, T, -1, D).transpose(1, 2)  # (N, H_kv, T, D)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises every query and key head before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)  # (N, H, T, D)
+    keys.index_copy_(2, columns, k)
+    values.index_copy_(2, columns, v)
+    S = allowed.shape[-1]
+    k_seen, v_seen = keys[:, :, :S], values[:, :, :S]  # (N, H_kv, S, D)
+    if T == 1:  # a decoding step: bandwidth-bound, read each key/value head once
+        out = grouped_attention(q, k_seen, v_seen, allowed[:, None], attn.scaling)  # (N, H_q, 1, D)
+    else:  # the prompt, once per call: torch's fused kernel, which never holds a (T, S) score matrix per head
+        group = q.shape[1] // k_seen.shape[1]
+        out = F.scaled_dot_product_attention(q, k_seen.repeat_interleave(group, dim=1),
+                                             v_seen.repeat_interleave(group, dim=1), attn_mask=allowed[:, None],
+                                             scale=attn.scaling)  # (N, H_q, T, D)
+    return attn.o_proj(out.transpose(1, 2).reshape(N, T, -1))
+
+
+def run_layers(model: nn.Module, ids: Tensor, positions: Tensor, state: DecodeState, columns: Tensor,
+               allowed: Tensor) -> Tensor:
+    """The model's transformer on new tokens: ids, positions (N, T) that go into cache `columns` (T,)
+    -> final hidden states (N, T, H)."""
+    base = model.base_model
+    x = model.get_input_embeddings()(ids)  # (N, T, H)
+    cos, sin = base.rotary_emb(x, positions)  # (N, T, D) each
+    for i, layer in enumerate(base.layers):
+        x = x + cached_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, state.keys[i],
+                                 state.values[i], columns, allowed)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return base.norm(x)
+
+
+# Sampling inside the step, with no host sync (the Gumbel-max trick): with u ~ U(0, 1) drawn
+# independently for every vocabulary entry, argmax(logits / T - log(-log u)) is an exact draw from
+# softmax(logits / T). Temperature 0 is greedy decoding.
+def sample_next(logits: Tensor, temperature: float) -> Tensor:
+    """(N, V) logits -> (N,) token ids."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    u = torch.rand(logits.shape, device=logits.device).clamp_(min=torch.finfo(torch.float32).tiny)  # (N, V)
+    return (logits.float() / temperature - torch.log(-torch.log(u))).argmax(dim=-1)
+
+
+def prefill(model: nn.Module, state: DecodeState, prompt_ids: Tensor, prompt_mask: Tensor, temperature: float) -> None:
+    """Runs the left-padded prompts (N, P) through the model into cache columns [0, P) and samples
+    each row's first answer token into column P."""
+    P = prompt_ids.shape[1]
+    real = prompt_mask.bool()  # (N, P)
+    state.ids[:, :P] = prompt_ids
+    state.visible.zero_()
+    state.visible[:, :P] = real
+    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # (N, P), as in response_hidden_states
+    causal = torch.ones(P, P, dtype=torch.bool, device=real.device).tril()  # (P, P)
+    # A token attends to the real tokens up to itself. A padding position attends to itself alone:
+    # some attention kernels return NaN for a row with nothing allowed, and NaN values in the cache
+    # would poison every later step even where they are masked (0 x NaN is NaN).
+    allowed = causal & real[:, None, :] | torch.eye(P, dtype=torch.bool, device=real.device)  # (N, P, P)
+    h = run_layers(model, prompt_ids, positions, state, torch.arange(P, device=real.device), allowed)  # (N, P, H)
+    first = sample_next(model.get_output_embeddings()(h[:, -1]), temperature)  # (N,)
+    state.ids[:, P] = first
+    state.done.copy_((first[:, None] == state.stop_ids).any(dim=1))
+    state.position.copy_(prompt_mask.sum(dim=1))
+    state.column.fill_(P)
+
+
+def decode_step(model: nn.Module, state: DecodeState, temperature: float) -> None:
+    """Feeds the token in `column` to the model and samples the next one into `column` + 1.
+
+    Fixed shapes, in place, and no .item(), .tolist() or Python branch on a tensor's value: CUDA can
+    record it as a graph. A row that has stopped keeps running (fixed shapes) but only appends padding.
+    """
+    token = state.ids.index_select(1, state.column)  # (N, 1)
+    state.visible.index_fill_(1, state.column, True)
+    h = run_layers(model, token, state.position[:, None], state, state.column, state.visible[:, None, :])  # (N, 1, H)
+    next_ids = sample_next(model.get_output_embeddings()(h[:, 0]), temperature)  # (N,)
+    next_ids = torch.where(state.done, state.pad_id, next_ids)  # (N,)
+    state.done |= (next_ids[:, None] == state.stop_ids).any(dim=1)
+    state.ids.index_copy_(1, state.column + 1, next_ids[:, None])
+    state.position += 1
+    state.column += 1
+
+
+def capture_decode_step(model: nn.Module, state: DecodeState, temperature: float) -> "torch.cuda.CUDAGraph":
+    """Records decode_step once as a CUDA graph: graph.replay() reruns all its kernels with one launch.
+
+    The graph reads and writes the memory it was recorded on: the state tensors, and the model's
+    weights. refresh_sampler copies the new policy INTO those weights (copy_), and an optimiser step
+    updates them in place, so every replay decodes with the current weights without a new capture.
+    (Assigning new tensors to the parameters, p.data = ..., would not be seen.) The warm-up steps run
+    outside the capture, as CUDA graphs require; they only scribble on the state, which prefill resets.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            decode_step(model, state, temperature)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_step(model, state, temperature)
+    return graph
+
+
+# One DecodeState per model, batch size and stop ids, kept beside the model (weakly: it goes when
+# the model goes), so a training run allocates its cache and records its graph once, not every step.
+# Training and greedy evaluation with the same batch size share one cache, each with its own graph.
+_DECODE_STATES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def decode_state_for(model: nn.Module, n: int, columns: int, temperature: float, stop_ids: list[int],
+                     pad_id: int) -> DecodeState:
+    """The state for n rows with room for `columns` positions (a new, larger one if it has too few),
+    with a CUDA graph of decode_step at this temperature on CUDA."""
+    states = _DECODE_STATES.setdefault(model, {})
+    key = (n, tuple(stop_ids), pad_id)
+    state = states.get(key)
+    if state is None or state.ids.shape[1] < columns:
+        states.pop(key, None)  # free the old cache first
+        # Rounded up, so that a batch with slightly longer prompts still fits and needs no new graph.
+        state = states[key] = new_decode_state(model, n, 64 * math.ceil(columns / 64), stop_ids, pad_id)
+    if state.keys.is_cuda and temperature not in state.graphs:
+        try:
+            state.graphs[temperature] = capture_decode_step(model, state, temperature)
+        except RuntimeError as e:  # a model whose layers sync with the host cannot be recorded
+            notice_once(f"decoding without a CUDA graph (slower): recording the step failed: {first_line(e)}")
+            state.graphs[temperature] = None
+    return state
+
+
+_NOTICES: set[str] = set()
+
+
+def notice_once(message: str) -> None:
+    """Prints a message the first time it comes up in this process."""
+    if message not in _NOTICES:
+        _NOTICES.add(message)
+        print(message)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int,
              temperature: float, top_p: float, stop_ids: list[int], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Samples one answer per row in ONE batched call with a KV cache (temperature 0 = greedy).
+    """Samples one answer per row, all rows in ONE batched decoding loop (temperature 0 = greedy).
 
-    prompt_ids, prompt_mask: (N, P) left-padded. Returns response ids and mask, both (N, L).
-    generate() derives position ids from the attention mask, so left padding shifts nothing.
+    prompt_ids, prompt_mask: (N, P) left-padded. Returns response ids and mask, both (N, L), where L
+    is the longest answer (at most max_new_tokens); after its stop token a row holds pad_id.
     """
+    # Nucleus sampling needs a sort of the vocabulary at every token, and its answers are only
+    # approximately on-policy anyway; models with other layer types need transformers' own code.
+    unsupported = "--top-p below 1" if top_p < 1 else fast_decoding_unsupported(model)
+    if unsupported:
+        notice_once(f"sampling with transformers' generate() (slower): {unsupported}")
+        return hf_generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, stop_ids, pad_id)
+    N, P = prompt_ids.shape
+    # No autocast: the loop computes in the sampler's own dtype (bf16 on CUDA, see make_sampler). An
+    # autocast that re-casts float32 weights at every token would cost bandwidth, and its cache of
+    # cast weights does not mix with CUDA graphs.
+    with torch.autocast(prompt_ids.device.type, enabled=False):
+        state = decode_state_for(model, N, P + max_new_tokens, temperature, stop_ids, pad_id)
+        graph = state.graphs.get(temperature)
+        prefill(model, state, prompt_ids, prompt_mask, temperature)  # samples the first token
+        new_tokens = 1
+        while new_tokens < max_new_tokens:
+            if graph is not None:
+                graph.replay()
+            else:
+                decode_step(model, state, temperature)
+            new_tokens += 1
+            if new_tokens % 32 == 0 and state.done.all():  # the only host sync, once every 32 tokens
+                break
+    response_ids = state.ids[:, P:P + new_tokens].clone()  # (N, L)
+    response_mask = response_mask_from_stops(response_ids, stop_ids)  # (N, L)
+    longest = int(response_mask.sum(dim=1).max())
+    return response_ids[:, :longest], response_mask[:, :longest]
+
+
+@torch.no_grad()
+def hf_generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int,
+                temperature: float, top_p: float, stop_ids: list[int], pad_id: int) -> tuple[Tensor, Tensor]:
+    """generate() through transformers' model.generate: every model, top-p, and host-bound speed.
+    It derives position ids from the attention mask, so left padding shifts nothing."""
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
         dict(do_sample=False)
     # use_cache=True: with gradient checkpointing switched on, some transformers versions would
@@ -629,14 +897,16 @@ def generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_
     return response_ids, response_mask_from_stops(response_ids, stop_ids)
 
 
-# Sampling from float32 weights under bf16 autocast re-casts every weight at every new token: on
-# an H200 that measured 2.8x slower than bf16 weights (51 vs 18 ms per step for 16 answers,
-# benchmarks/sampling_dtype.py), though decoding times on that card were unstable (README,
-# Performance) and a re-measurement is due. So on CUDA the answers come from a bf16 copy of the
-# policy whose weights are refreshed from the float32 master weights before each rollout, for 2
-# bytes per parameter of extra memory. The copy is close to, not bit-identical with, the autocast forward
-# that scores the answers (autocast keeps norms and the residual stream in float32): like every
-# RL system with a separate inference engine, the rollouts are on-policy up to bf16 rounding.
+# The decoding loop computes in its model's dtype, and a decoding step is bound by reading the
+# weights: float32 weights read 4 bytes per parameter per token, bf16 ones 2. (Under transformers'
+# generate, float32 weights with bf16 autocast measured 2.8x slower than bf16 weights on an H200, in
+# runs that were unstable; benchmarks/sampling_dtype.py makes the fair measurement, not yet run on a
+# GPU.) So on CUDA the answers come from a bf16 copy of the policy whose weights are refreshed from
+# the float32 master weights before each rollout, in place so that the recorded CUDA graph reads
+# them, for 2 bytes per parameter of extra memory. The copy is close to, not bit-identical with,
+# the autocast forward that scores the answers (autocast keeps norms and the residual stream in
+# float32): like every RL system with a separate inference engine, the rollouts are on-policy up to
+# bf16 rounding.
 def make_sampler(model: nn.Module, bf16: bool) -> nn.Module:
     """The model that generates: a frozen bf16 copy when computing in bf16, else the model itself."""
     return frozen_copy(model, torch.bfloat16) if bf16 else model

@@ -324,6 +324,176 @@ def _hidden_alone(model, prompt, response):
 
 
 # -----------------------------------------------------------------------------
+# The decoding loop (generate): the same answers as transformers' generate, exact sampling
+
+
+SHARED_DATA = os.path.join(HERE, "..", "shared", "data")  # real data beside the project; absent in a user's clone
+
+
+def _decoder_model(config_class, vocab=97, **extra):
+    """A small random decoder with weights large enough that greedy answers vary from token to token."""
+    from transformers import AutoModelForCausalLM
+
+    settings = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                    initializer_range=0.3, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    config = config_class(**{**settings, **extra})
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _random_prompts(lengths, vocab=97, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+    return sdpg.left_pad(prompts, 0, torch.device("cpu"))
+
+
+def _assert_same_answers(model, ids, mask, max_new_tokens, stop_ids, pad_id):
+    ours, ours_mask = sdpg.generate(model, ids, mask, max_new_tokens, 0.0, 1.0, stop_ids, pad_id)
+    theirs, theirs_mask = sdpg.hf_generate(model, ids, mask, max_new_tokens, 0.0, 1.0, stop_ids, pad_id)
+    assert torch.equal(ours, theirs) and torch.equal(ours_mask, theirs_mask)
+    return ours, ours_mask
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "mistral"])
+def test_greedy_answers_equal_transformers_generate_on_left_padded_prompts(arch):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    config_class, extra = {"qwen2": (Qwen2Config, {}), "llama": (LlamaConfig, {}),
+                           "qwen3": (Qwen3Config, dict(head_dim=16)),  # Qwen3: per-head q/k norms
+                           "mistral": (MistralConfig, dict(sliding_window=None))}[arch]
+    model = _decoder_model(config_class, **extra)
+    assert sdpg.fast_decoding_unsupported(model) is None
+    ids, mask = _random_prompts([3, 11, 7, 1])  # left padding of 0 to 10 tokens
+    answers, answer_mask = _assert_same_answers(model, ids, mask, 40, stop_ids=[1, 5], pad_id=0)
+    assert answers.shape == (4, 40) and len(set(answers.flatten().tolist())) > 20  # a real test, not one token
+    lengths = answer_mask.sum(1).tolist()
+    assert min(lengths) < 40 and max(lengths) == 40  # some rows stop early, some run to the end
+
+
+def test_greedy_answers_with_the_real_qwen_tokenizer_and_chat_template():
+    path = os.path.join(SHARED_DATA, "qwen2.5-tokenizer")
+    if not os.path.isdir(path):
+        pytest.skip("needs ../shared/data/qwen2.5-tokenizer (the project's shared data, absent in a user's clone)")
+    from transformers import AutoTokenizer, Qwen2Config
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = _decoder_model(Qwen2Config, vocab=151936, initializer_range=0.1)  # Qwen2.5's vocabulary, tiny layers
+    questions = ["What is 2 + 2?", "Natalia sold clips to 48 of her friends in April, and then she sold half as "
+                 "many clips in May. How many clips did Natalia sell altogether in April and May?", "1"]
+    ids, mask = sdpg.left_pad([sdpg.encode_prompt(tok, q) for q in questions], tok.pad_token_id, torch.device("cpu"))
+    assert mask.sum(1).tolist()[1] > mask.sum(1).tolist()[0] > mask.sum(1).tolist()[2]  # three prompt lengths
+    stop_ids = sdpg.stop_token_ids(model, tok)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in stop_ids
+    _assert_same_answers(model, ids, mask, 24, stop_ids, tok.pad_token_id)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_sampled_tokens_follow_the_softmax_at_the_temperature(temperature):
+    """A chi-square test of 6,000 first tokens against softmax(logits / T); a sampler that ignored the
+    temperature (or sampled from another distribution) fails it."""
+    from transformers import Qwen2Config
+
+    model = _decoder_model(Qwen2Config, vocab=40)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(3.0)  # sharper logits, so that T = 0.7 and T = 1 differ clearly
+    ids, mask = _random_prompts([5], vocab=40)
+    logits = model(input_ids=ids, attention_mask=mask).logits[0, -1].detach()  # (V,)
+    torch.manual_seed(0)
+    n = 6000
+    answers, _ = sdpg.generate(model, ids.expand(n, -1), mask.expand(n, -1), 1, temperature, 1.0, [1], 0)
+    counts = torch.bincount(answers[:, 0], minlength=logits.shape[0]).double()  # (V,)
+
+    def chi_square(probs):
+        expected = n * probs.double()
+        big = expected >= 5  # pool the rare tokens into one bin, as the test requires
+        obs = torch.cat([counts[big], counts[~big].sum()[None]])
+        exp = torch.cat([expected[big], expected[~big].sum()[None]])
+        stat = ((obs - exp) ** 2 / exp).sum().item()
+        k = len(obs) - 1  # degrees of freedom; 99.9% point by the Wilson-Hilferty approximation
+        return stat, k * (1 - 2 / (9 * k) + 3.09 * math.sqrt(2 / (9 * k))) ** 3
+
+    stat, limit = chi_square(F.softmax(logits / temperature, -1))
+    assert stat < limit, (stat, limit)
+    other = 1.0 if temperature != 1.0 else 0.7
+    stat, limit = chi_square(F.softmax(logits / other, -1))
+    assert stat > limit, (stat, limit)  # the test can tell the two temperatures apart
+
+
+def test_rows_stop_at_their_first_stop_token_and_pad_after_it():
+    from transformers import LlamaConfig
+
+    model = _decoder_model(LlamaConfig)
+    ids, mask = _random_prompts([4, 9, 2, 6, 3], seed=1)
+    free, _ = sdpg.generate(model, ids, mask, 50, 0.0, 1.0, stop_ids=[97], pad_id=0)  # 97: not in the vocabulary
+    assert free.shape[1] == 50  # no row stops: the loop runs to max_new_tokens
+    stops = [free[0, 5].item(), free[2, 40].item()]  # tokens that rows 0 and 2 write
+    answers, answer_mask = _assert_same_answers(model, ids, mask, 50, stops, pad_id=0)
+    torch.testing.assert_close(answer_mask, sdpg.response_mask_from_stops(answers, stops))
+    for row, m in zip(answers, answer_mask):
+        n = int(m.sum())
+        assert row[n - 1].item() in stops or n == answers.shape[1]  # ends at its first stop token
+        assert all(t not in stops for t in row[:n - 1].tolist()) and (row[n:] == 0).all()
+    # every row stops early: the answers are as long as the longest one, as transformers' generate gives them
+    answers, answer_mask = _assert_same_answers(model, ids, mask, 50, sorted(set(free[:, 3].tolist())), pad_id=0)
+    assert answers.shape[1] == 4 and answer_mask.sum(1).max() == 4
+
+
+def test_the_next_call_decodes_with_weights_changed_in_place():
+    from transformers import Qwen2Config
+
+    model = _decoder_model(Qwen2Config)
+    ids, mask = _random_prompts([6, 3, 8])
+    before, _ = _assert_same_answers(model, ids, mask, 20, [1], 0)
+    with torch.no_grad():  # what an optimiser step and refresh_sampler do: new values, the same tensors
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    after, _ = _assert_same_answers(model, ids, mask, 20, [1], 0)
+    assert not torch.equal(before, after)
+
+
+def test_batch_size_and_prompt_length_may_change_between_calls():
+    from transformers import Qwen2Config
+
+    model = _decoder_model(Qwen2Config)
+    for lengths in ([5, 2, 7, 3, 4], [6, 1, 2], [60, 2, 9, 3, 4]):  # smaller batch, then longer prompts (more columns)
+        ids, mask = _random_prompts(lengths, seed=len(lengths))
+        _assert_same_answers(model, ids, mask, 30, [1], 0)
+    (state,) = [s for s in sdpg._DECODE_STATES[model].values() if s.ids.shape[0] == 5]
+    assert state.ids.shape[1] == 128  # grown once for 60 + 30 columns, rounded up to a multiple of 64
+
+
+def test_decode_step_never_waits_on_the_host():
+    """A CUDA graph can only record a step with no .item(), .tolist() or branch on a tensor's value.
+    torch.compile with fullgraph=True refuses exactly those, so tracing the step checks it on the CPU."""
+    from transformers import Qwen2Config
+
+    model = _decoder_model(Qwen2Config)
+    state = sdpg.new_decode_state(model, 3, 64, [1], 0)
+    step = torch.compile(sdpg.decode_step, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        step(model, state, 0.7)
+    assert state.column.item() == 1 and state.position.tolist() == [1, 1, 1]
+
+
+def test_top_p_and_unsupported_models_fall_back_to_transformers_generate(capsys, monkeypatch):
+    from transformers import GPT2Config, Qwen2Config
+
+    monkeypatch.setattr(sdpg, "_NOTICES", set())
+    ids, mask = _random_prompts([4, 2])
+    torch.manual_seed(0)
+    answers, _ = sdpg.generate(_decoder_model(Qwen2Config), ids, mask, 5, 1.0, 0.9, [1], 0)
+    assert answers.shape[0] == 2 and "--top-p below 1" in capsys.readouterr().out
+    gpt2 = _decoder_model(lambda **kw: GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, vocab_size=97,
+                                                  pad_token_id=0, eos_token_id=1, bos_token_id=None))
+    assert "gpt2" in sdpg.fast_decoding_unsupported(gpt2)
+    sdpg.generate(gpt2, ids, mask, 5, 0.0, 1.0, [1], 0)
+    sdpg.generate(gpt2, ids, mask, 5, 0.0, 1.0, [1], 0)
+    assert capsys.readouterr().out.count("model type 'gpt2'") == 1  # one line, once
+
+
+# -----------------------------------------------------------------------------
 # The command line and whole runs
 
 
@@ -401,10 +571,11 @@ def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(HERE, "benchmarks", "bench_sdpg.py"), "--shape", "tiny", "--device", "cpu",
            "--prompt-len", "8", "--context-len", "8", "--response-len", "16", "--steps", "1",
-           "--rollout-prompts", "2", "--rollout-tokens", "8", "--json", str(out)]
+           "--rollout-answers", "8", "16", "--rollout-tokens", "4", "8", "--rollout-prompt-lens", "3", "9",
+           "--baseline-max-tokens", "4", "--jitter", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| step | mode | grad ckpt |" in proc.stdout and "tokens/s" in proc.stdout
+    assert "| step | mode | grad ckpt |" in proc.stdout and "ms per decoding step" in proc.stdout
     result = json.loads(out.read_text())
     assert result["meta"]["shape"] == "tiny" and "--shape tiny" in result["meta"]["command"]
     rows = result["rows"]
@@ -415,17 +586,36 @@ def test_benchmark_smoke(tmp_path):
     (whole,) = [r for r in rows if r["kind"] == "whole_step"]
     for r in [*updates.values(), whole]:
         assert positive(r["time_s"]) and positive(r["peak_gib"]), r
+    assert positive(whole["first_step_s"])
     ratios = [r for r in rows if r["kind"] == "update_ratio"]
     assert sorted(r["grad_ckpt"] for r in ratios) == [False, True]
     assert all(positive(r["time_ratio"]) for r in ratios)
 
-    rollouts = {r["sampler"]: r for r in rows if r["kind"] == "rollout"}
-    assert set(rollouts) == {"sdpg.generate", "model.generate"}
-    for r in rollouts.values():
-        assert r["sequences"] == 2 * 8 and r["new_tokens"] == 8, r  # 2 prompts x G = 8, full length
-        assert positive(r["time_s"]) and positive(r["tokens_per_s"]), r
-    (ratio,) = [r for r in rows if r["kind"] == "rollout_ratio"]
-    assert positive(ratio["throughput_ratio"])
+    # sdpg.generate at every shape; model.generate only up to --baseline-max-tokens; prompts left-padded
+    rollouts = {(r["sampler"], r["answers"], r["max_new_tokens"]): r for r in rows if r["kind"] == "rollout"}
+    assert set(rollouts) == {("sdpg.generate", n, t) for n in (8, 16) for t in (4, 8)} | \
+        {("model.generate", n, 4) for n in (8, 16)}
+    for (_, n, t), r in rollouts.items():
+        assert 1 <= r["new_tokens"] <= t and r["prompt_len"] <= 9, r
+        assert positive(r["ms_per_step"]) and r["tokens_per_s"] == pytest.approx(n * r["new_tokens"] / r["time_s"])
+    speedups = {(r["answers"], r["new_tokens"]) for r in rows if r["kind"] == "rollout_ratio"
+                and positive(r["throughput_ratio"])}
+    assert speedups == {(8, 4), (16, 4)}
+    assert len([r for r in rows if r["kind"] == "decode_setup"]) == 4
+    jitter = [r for r in rows if r["kind"] == "jitter"]
+    assert sorted((r["answers"], r["gc"]) for r in jitter) == [(8, "off"), (8, "on"), (16, "off"), (16, "on")]
+    assert all(r["new_tokens"] == 4 and 0 < r["median_ms"] <= r["max_ms"] for r in jitter)
+
+
+def test_decode_check_passes_on_the_cpu(tmp_path):
+    """benchmarks/decode_check.py, the GPU checks of the decoding loop, runs and passes at the tiny shape."""
+    out = tmp_path / "check.json"
+    cmd = [sys.executable, os.path.join(HERE, "benchmarks", "decode_check.py"), "--answers", "8", "--new-tokens", "12",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "FAIL" not in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["greedy answers equal model.generate's"] and result["rows_equal_to_model_generate"] == 1.0
 
 
 def test_decode_step_clock_times_every_step_and_changes_nothing():
@@ -454,7 +644,7 @@ def test_sampling_dtype_smoke(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"2", "3"}
     for rows in results.values():
-        assert set(rows) == {"float32 + bf16 autocast", "bf16 copy"}
+        assert set(rows) == {"float32 weights", "bf16 copy"}
         for r in rows.values():
             assert len(r["runs"]) == 2 and all(x > 0 for x in r["runs"])
             assert r["min"] <= r["median"] <= r["max"]

@@ -30,12 +30,15 @@ import os
 import resource
 import shlex
 import statistics
+import subprocess
 import sys
+import threading
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # decode_step_times, for --jitter
 import sdpg  # noqa: E402
 
 # Qwen2 shapes. "tiny" is sdpg.build_tiny_model's shape (its vocabulary is the character tokenizer's),
@@ -64,8 +67,19 @@ def parse_cli(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, help="sdpg's --micro-batch [default: sdpg's own for the model]")
     p.add_argument("--chunk-size", type=int, help="sdpg's --chunk-size [default: sdpg's own]")
     p.add_argument("--steps", type=int, default=3, help="timed repetitions, after one warm-up")
-    p.add_argument("--rollout-prompts", type=int, default=16, help="prompts of the rollout measurement (x G)")
-    p.add_argument("--rollout-tokens", type=int, default=128, help="new tokens of the rollout measurement")
+    p.add_argument("--rollout-answers", type=int, nargs="+", default=[16, 128],
+                   help="answers (rows) of the sampling measurements, one row of the table each")
+    p.add_argument("--rollout-tokens", type=int, nargs="+", default=[256, 1024],
+                   help="new tokens of the sampling measurements (every answer full length)")
+    p.add_argument("--rollout-prompt-lens", type=int, nargs=2, default=[100, 160], metavar=("MIN", "MAX"),
+                   help="the sampling prompts' lengths are drawn from MIN..MAX, so that they are left-padded")
+    p.add_argument("--baseline-max-tokens", type=int, default=1024,
+                   help="time model.generate only up to this many new tokens (it is the slow one)")
+    p.add_argument("--baseline-repeats", type=int, default=1,
+                   help="timed model.generate calls per row, after a short warm-up call")
+    p.add_argument("--jitter", action="store_true",
+                   help="also record model.generate's single-step times with garbage collection on and off, "
+                        "the host's load and (CUDA) the GPU's clocks and utilisation")
     p.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
     p.add_argument("--skip-rollout", action="store_true")
     p.add_argument("--skip-train", action="store_true", help="no update rows and no whole-step row")
@@ -212,46 +226,120 @@ def whole_step_row(model, rb, opts, stop_ids, pad_id, device, bf16) -> dict:
             return mask.sum(dim=1).float().mean().item()
 
         # Random weights at the tiny shape's 58-id vocabulary do sample the stop id: answers end early there.
+        first_s, _ = timed(step, device)  # includes making the decoding cache and graph, once per run
         seconds, answer_tokens = timed(step, device)
-        return dict(time_s=seconds, peak_gib=peak_gib(device), answer_tokens=answer_tokens)
+        return dict(time_s=seconds, first_step_s=first_s, peak_gib=peak_gib(device), answer_tokens=answer_tokens)
 
     return measure(dict(kind="whole_step", mode="SDPG", grad_ckpt=True), work, model, device)
 
 
+def rollout_prompts(opts, answers: int, vocab: int, pad_id: int, device: torch.device):
+    """answers / G prompts of random lengths in the --rollout-prompt-lens range, G copies each, left-padded."""
+    g = torch.Generator().manual_seed(answers)
+    low, high = opts.rollout_prompt_lens
+    prompts = [torch.randint(1, vocab - 1, (int(torch.randint(low, high + 1, (1,), generator=g)),),
+                             generator=g).tolist() for _ in range(max(1, answers // opts.group_size))]
+    rows = [p for p in prompts for _ in range(opts.group_size)][:answers]  # never pad_id or the stop id
+    return sdpg.left_pad(rows, pad_id, device)  # (N, P) each
+
+
 def rollout_rows(model, opts, vocab, stop_ids, pad_id, device, bf16) -> list[dict]:
-    """Tokens/s of ONE batched sampling call, sdpg.generate against bare model.generate."""
+    """Sampling speed: sdpg.generate (our decoding loop) against transformers' model.generate on the same
+    sampler (a bf16 copy on CUDA, as sdpg.main makes it), for each number of answers and of new tokens."""
     args = sdpg_args(opts, "SDPG", grad_ckpt=False)
-    g = torch.Generator().manual_seed(1)
-    N, T = opts.rollout_prompts * opts.group_size, opts.rollout_tokens
-    ids = torch.randint(0, vocab - 1, (opts.rollout_prompts, opts.prompt_len), generator=g)
-    ids = ids.repeat_interleave(opts.group_size, dim=0).to(device)  # (N, P)
-    mask = torch.ones_like(ids)
     set_grad_ckpt(model, False)
     model.eval()
-    sampler = sdpg.make_sampler(model, bf16)  # as sdpg.main: a bf16 copy on CUDA, the model itself elsewhere
-
-    def ours():  # what a training step does: refresh the sampler's weights, then one batched call
-        sdpg.refresh_sampler(sampler, model)
-        with sdpg.autocast(device, bf16):
-            return sdpg.generate(sampler, ids, mask, T, args.temperature, args.top_p, stop_ids, pad_id)[0]
-
-    def bare():  # the same model and sampling settings, straight into transformers
-        with sdpg.autocast(device, bf16):
-            out = sampler.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T, do_sample=True,
-                                 temperature=args.temperature, top_p=args.top_p, top_k=0,
-                                 eos_token_id=stop_ids, pad_token_id=pad_id)
-            return out[:, ids.shape[1]:]
-
+    sampler = sdpg.make_sampler(model, bf16)
     rows = []
-    for name, fn in (("sdpg.generate", ours), ("model.generate", bare)):
-        def work(fn=fn):
-            runs = [timed(fn, device) for _ in range(1 + opts.steps)]  # the first one warms up
-            new_tokens = runs[-1][1].shape[1]  # columns sampled; T unless every row stopped early
-            t = statistics.median(r[0] for r in runs[1:])
-            return dict(time_s=t, new_tokens=new_tokens, tokens_per_s=N * new_tokens / t, peak_gib=peak_gib(device))
+    for N in opts.rollout_answers:
+        ids, mask = rollout_prompts(opts, N, vocab, pad_id, device)
+        for T in opts.rollout_tokens:
+            def ours():  # what a training step does: refresh the sampler's weights, then one batched call
+                sdpg.refresh_sampler(sampler, model)
+                return sdpg.generate(sampler, ids, mask, T, args.temperature, 1.0, stop_ids, pad_id)[0]
 
-        free_and_reset_peak(device)
-        rows.append(measure(dict(kind="rollout", sampler=name, sequences=N), work, model, device))
+            def bare(tokens=T):  # the same sampler and settings, straight into transformers
+                return sdpg.hf_generate(sampler, ids, mask, tokens, args.temperature, 1.0, stop_ids, pad_id)[0]
+
+            free_and_reset_peak(device)
+            # The cache and (on CUDA) the graph of the step, once per batch shape: what a run pays once.
+            setup_s, _ = timed(lambda: sdpg.decode_state_for(sampler, N, ids.shape[1] + T, args.temperature,
+                                                             stop_ids, pad_id), device)
+            rows.append(dict(kind="decode_setup", answers=N, new_tokens=T, time_s=setup_s))
+            for name, fn, repeats in (("sdpg.generate", ours, opts.steps),
+                                      ("model.generate", bare, opts.baseline_repeats)):
+                if name == "model.generate" and T > opts.baseline_max_tokens:
+                    continue
+
+                def work(fn=fn, repeats=repeats, name=name):
+                    if name == "model.generate":
+                        timed(lambda: bare(16), device)  # warm-up, short: a full one takes a minute at 1,024 tokens
+                        runs = [timed(fn, device) for _ in range(repeats)]
+                    else:
+                        runs = [timed(fn, device) for _ in range(1 + repeats)][1:]  # the first one warms up
+                    new_tokens = runs[-1][1].shape[1]  # columns sampled; T unless every row stopped early
+                    t = statistics.median(r[0] for r in runs)
+                    return dict(time_s=t, new_tokens=new_tokens, ms_per_step=1000 * t / new_tokens,
+                                tokens_per_s=N * new_tokens / t, runs=len(runs), peak_gib=peak_gib(device))
+
+                free_and_reset_peak(device)
+                rows.append(measure(dict(kind="rollout", sampler=name, answers=N, prompt_len=ids.shape[1],
+                                         max_new_tokens=T), work, model, device))
+            pair = {r["sampler"]: r for r in rows if r["kind"] == "rollout" and r["answers"] == N
+                    and r["max_new_tokens"] == T}
+            if len(pair) == 2:
+                rows.append(dict(kind="rollout_ratio", answers=N, new_tokens=T, throughput_ratio=ratio(
+                    pair["sdpg.generate"]["tokens_per_s"], pair["model.generate"]["tokens_per_s"])))
+            print(f"rollout rows done ({N} answers x {T} tokens)", flush=True)
+    return rows
+
+
+def gpu_status() -> str | None:
+    """SM clock, memory clock, utilisation, temperature and power from nvidia-smi, or None without it."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,utilization.gpu,temperature.gpu,"
+                              "power.draw", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def jitter_rows(model, opts, vocab, stop_ids, pad_id, device, bf16) -> list[dict]:
+    """What makes model.generate's decoding steps vary: its single-step times (a clock in a logits processor,
+    after a sync), with Python's garbage collector on and then off, beside the host's load average and the
+    GPU's clocks and utilisation read by nvidia-smi while it runs."""
+    from decode_step_times import StepClock
+
+    model.eval()
+    sampler = sdpg.make_sampler(model, bf16)
+    T = min(opts.rollout_tokens)
+    rows = []
+    for N in opts.rollout_answers:
+        ids, mask = rollout_prompts(opts, N, vocab, pad_id, device)
+        for collector in ("on", "off"):
+            samples, stop = [], threading.Event()
+
+            def watch():
+                while not stop.wait(1.0):
+                    samples.append(gpu_status())
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            clock = StepClock()
+            load_before = os.getloadavg()[0]
+            (gc.enable if collector == "on" else gc.disable)()
+            watcher.start()
+            try:
+                with sdpg.autocast(device, bf16):
+                    sampler.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T, do_sample=True, top_k=0,
+                                     eos_token_id=stop_ids, pad_token_id=pad_id, logits_processor=[clock])
+            finally:
+                gc.enable()
+                stop.set()
+                watcher.join()
+            ms = sorted(1000 * (b - a) for a, b in zip(clock.times, clock.times[1:]))
+            rows.append(dict(kind="jitter", answers=N, new_tokens=T, gc=collector, median_ms=statistics.median(ms),
+                             p90_ms=ms[int(0.9 * (len(ms) - 1))], max_ms=ms[-1], load_before=load_before,
+                             load_after=os.getloadavg()[0], gpu_samples=[s for s in samples if s]))
     return rows
 
 
@@ -267,7 +355,7 @@ def fmt(x, spec=".3f"):
     return "-" if x is None else x if isinstance(x, str) else format(x, spec)
 
 
-STEP_LABELS = {"update": "update", "whole_step": "sample + update (1 run)"}
+STEP_LABELS = {"update": "update", "whole_step": "sample + update (second run)"}
 
 
 def report(meta: dict, rows: list[dict]) -> str:
@@ -275,23 +363,37 @@ def report(meta: dict, rows: list[dict]) -> str:
     lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
     updates = [r for r in rows if r["kind"] in ("update", "whole_step")]
     if updates:
-        lines += ["| step | mode | grad ckpt | answer tokens (mean) | median step (s) | peak memory (GiB) |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| step | mode | grad ckpt | answer tokens (mean) | median step (s) | first run (s) | "
+                  "peak memory (GiB) |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {STEP_LABELS[r['kind']]} | {r['mode']} | {'on' if r['grad_ckpt'] else 'off'} | "
-                  f"{fmt(r.get('answer_tokens'), '.0f')} | {fmt(r['time_s'])} | {fmt(r['peak_gib'], '.2f')} |"
-                  for r in updates]
+                  f"{fmt(r.get('answer_tokens'), '.0f')} | {fmt(r['time_s'])} | {fmt(r.get('first_step_s'))} | "
+                  f"{fmt(r['peak_gib'], '.2f')} |" for r in updates]
         lines += ["", "| ratio SDPG / GRPO | grad ckpt | time | memory |", "|---|---|---|---|"]
         lines += [f"| update | {'on' if r['grad_ckpt'] else 'off'} | {fmt(r['time_ratio'], '.2f')} | "
                   f"{fmt(r['memory_ratio'], '.2f')} |" for r in rows if r["kind"] == "update_ratio"]
         lines.append("")
     rollouts = [r for r in rows if r["kind"] == "rollout"]
     if rollouts:
-        lines += ["| rollout sampler | sequences | new tokens | median time (s) | tokens/s | peak memory (GiB) |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['sampler']} | {r['sequences']} | {r.get('new_tokens', '-')} | {fmt(r['time_s'])} | "
+        lines += ["| sampler | answers | prompt columns | new tokens | timed runs | median time (s) | ms per decoding "
+                  "step | tokens/s | peak memory (GiB) |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['sampler']} | {r['answers']} | {r['prompt_len']} | {r.get('new_tokens', '-')} | "
+                  f"{r.get('runs', '-')} | {fmt(r['time_s'])} | {fmt(r.get('ms_per_step'), '.2f')} | "
                   f"{fmt(r.get('tokens_per_s'), '.0f')} | {fmt(r['peak_gib'], '.2f')} |" for r in rollouts]
-        r = next(r for r in rows if r["kind"] == "rollout_ratio")
-        lines += ["", f"sdpg.generate / model.generate throughput: {fmt(r['throughput_ratio'], '.3f')}", ""]
+        setup = {(r["answers"], r["new_tokens"]): r["time_s"] for r in rows if r["kind"] == "decode_setup"}
+        speedup = {(r["answers"], r["new_tokens"]): r["throughput_ratio"] for r in rows if r["kind"] == "rollout_ratio"}
+        lines += ["", "| answers x new tokens | cache + graph setup (s), once per shape | tokens/s, sdpg.generate / "
+                  "model.generate |", "|---|---|---|"]
+        lines += [f"| {n} x {t} | {fmt(s)} | {fmt(speedup.get((n, t)), '.2f')} |" for (n, t), s in setup.items()]
+        lines.append("")
+    jitter = [r for r in rows if r["kind"] == "jitter"]
+    if jitter:
+        lines += ["| model.generate, answers x tokens | garbage collector | ms per step: median | p90 | max | "
+                  "host load before / after | GPU samples (SM MHz, mem MHz, util, temp, power) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['answers']} x {r['new_tokens']} | {r['gc']} | {fmt(r['median_ms'], '.1f')} | "
+                  f"{fmt(r['p90_ms'], '.1f')} | {fmt(r['max_ms'], '.1f')} | {r['load_before']:.2f} / "
+                  f"{r['load_after']:.2f} | {'; '.join(r['gpu_samples'][:3]) or '-'} |" for r in jitter]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -322,9 +424,9 @@ def main(argv=None) -> None:
     rows = []
     if not opts.skip_rollout:
         rows += rollout_rows(model, opts, vocab, stop_ids, pad_id, device, bf16)
-        ours, bare = (r.get("tokens_per_s") for r in rows[-2:])
-        rows.append(dict(kind="rollout_ratio", throughput_ratio=ratio(ours, bare)))
-        print("rollout rows done", flush=True)
+    if opts.jitter:
+        rows += jitter_rows(model, opts, vocab, stop_ids, pad_id, device, bf16)
+        print("jitter rows done", flush=True)
     if not opts.skip_train:
         rb = random_batch(opts, vocab, device)
         for grad_ckpt in () if opts.skip_update else (False, True):
