@@ -1392,6 +1392,50 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
 
 
+class _HardKill(BaseException):
+    """Stands for SIGKILL or a power cut: no handler catches it, no checkpoint is saved on the way out."""
+
+
+def _killed_at(monkeypatch, step):
+    """Makes the run die as it starts training step `step` (rows of the steps before it are on disk)."""
+    real, calls = sdpg.collect_rollouts, []
+
+    def collect(*a, **k):
+        calls.append(1)
+        if len(calls) == step:
+            raise _HardKill
+        return real(*a, **k)
+
+    monkeypatch.setattr(sdpg, "collect_rollouts", collect)
+
+
+KILL_RUN = ["--model", "tiny", "--steps", "5", "--batch-prompts", "2", "--group-size", "2", "--eval-every", "0",
+            "--eval-n", "2", "--save-every", "2", "--beta-warmup", "0", "--beta-decay", "0"]
+
+
+@pytest.mark.parametrize("killed_at", [4, 2])
+def test_hard_kill_between_checkpoints_then_resume_logs_each_step_once(killed_at, tmp_path, monkeypatch):
+    """Guards against a resumed run logging steps twice: the rows written after the last checkpoint
+    (step 3 when killed at 4, after checkpoint-2), or the step-0 evaluation when the run died before
+    its first checkpoint and --resume starts from scratch; and against a half-written last line
+    (the kill came during a write) making --resume fail."""
+    sdpg.main(KILL_RUN + ["--output-dir", str(tmp_path / "straight")])
+    out, metrics = tmp_path / "killed", tmp_path / "killed" / "metrics.jsonl"
+    with monkeypatch.context() as m:
+        _killed_at(m, killed_at)
+        with pytest.raises(_HardKill):
+            sdpg.main(KILL_RUN + ["--output-dir", str(out)])
+    assert [r["step"] for r in _rows(metrics)] == list(range(killed_at))
+    assert [os.path.basename(p) for p in sdpg.checkpoints(str(out))] == (["checkpoint-2"] if killed_at > 2 else [])
+    with open(metrics, "a") as f:
+        f.write('{"step": %d, "reward_me' % killed_at)  # cut off mid-row, no newline
+    sdpg.main(KILL_RUN + ["--output-dir", str(out), "--resume"])
+    resumed, straight = _comparable(_rows(metrics)), _comparable(_rows(tmp_path / "straight" / "metrics.jsonl"))
+    assert [r["step"] for r in resumed] == list(range(6))
+    for a, b in zip(resumed, straight, strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), a["step"]
+
+
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, tiny, monkeypatch):
     from transformers import AutoModelForCausalLM
 
