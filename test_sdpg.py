@@ -1039,6 +1039,95 @@ def test_released_configuration_runs_and_splits_over_micro_batches(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# Several updates per batch (issue 17): each optimiser step against a computation from scratch
+
+
+def _updates_with_a_spy(lr_warmup=1):
+    """policy_update with 2 updates of 4 answers each, in micro-batches of 3 and 1, on fixed
+    advantages; returns what each optimiser step saw (the weights it started from and its gradient),
+    the metrics, and the pieces to redo each update from scratch."""
+    tok = sdpg.build_char_tokenizer()
+    model = sdpg.build_tiny_model(tok, seed=4)
+    args = sdpg.parse_args(["--model", "tiny", "--batch-prompts", "4", "--group-size", "2", "--updates-per-batch", "2",
+                            "--micro-batch", "3", "--beta", "0.5", "--alpha", "0.1", "--max-new-tokens", "5",
+                            "--temperature", "1.5", "--max-grad-norm", "1e9", "--lr-warmup", str(lr_warmup)])
+    ref = sdpg.frozen_copy(model, torch.float32)
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    rb = sdpg.collect_rollouts(model, tok, sdpg.toy_examples(4, seed=1), args, "", sdpg.stop_token_ids(model, tok),
+                               cpu, False)
+    rb.advantages = sdpg.group_advantages(torch.tensor([1.0, 0, 0, 1, 1, 0, 0.5, 0]), 2)
+    optimizer, scheduler = sdpg.build_optimizer(model, args)
+    seen = []
+
+    def spy(optimizer, args, kwargs):
+        seen.append(dict(weights={n: t.clone() for n, t in model.state_dict().items()},
+                         grads={n: p.grad.clone() for n, p in model.named_parameters()},
+                         lr=optimizer.param_groups[0]["lr"]))
+
+    optimizer.register_step_pre_hook(spy)
+    sums = sdpg.policy_update(model, ref, optimizer, scheduler, rb, 0.5, args, cpu, False)
+    return seen, sums, (model, ref, rb, args, cpu)
+
+
+def _update_from_scratch(weights, rows, old_logp, parts):
+    """One update's loss, gradient and token-averaged metrics, all its answers in one forward pass
+    at the given weights, with fresh gradients."""
+    model, ref, rb, args, cpu = parts
+    model = sdpg.frozen_copy(model, torch.float32)
+    model.load_state_dict(weights)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+    logp, kl, ref_logp, entropy = sdpg.score(model, ref, rb, rows, True, args, cpu, False)
+    w = sdpg.token_weights(rb.response_mask[rows], 2)
+    loss = sdpg.sdpg_loss(logp, old_logp[rows], kl, ref_logp, rb.advantages[rows], w, 0.5, 0.1, "urkl")
+    loss.backward()
+    log_w = (logp - ref_logp).detach()
+    metrics = dict(loss=loss.item(), kl_distill=(w * kl).sum().item(), entropy=(w * entropy).sum().item(),
+                   kl_ref=(w * (torch.exp(-log_w) - 1 + log_w)).sum().item())
+    return {n: p.grad for n, p in model.named_parameters()}, metrics
+
+
+def test_each_optimiser_step_sees_only_its_own_micro_batches():
+    """Guards against gradients cleared once per batch instead of once per optimiser step (the second
+    update would carry the first one's gradient), and against clearing them per micro-batch (a step
+    would see only its last micro-batch): each step's gradient must equal that of its own 4 answers
+    computed from scratch at the weights the step started from."""
+    seen, _, parts = _updates_with_a_spy()
+    assert len(seen) == 2
+    model, ref, rb, args, cpu = parts
+    with torch.no_grad():  # the rollout policy's log-probs: the weights before the first update
+        first = sdpg.frozen_copy(model, torch.float32)
+        first.load_state_dict(seen[0]["weights"])
+        old_logp = sdpg.score(first, None, rb, slice(0, 8), False, args, cpu, False).logp
+    for u, step in enumerate(seen):
+        grads, _ = _update_from_scratch(step["weights"], slice(4 * u, 4 * u + 4), old_logp, parts)
+        for name, g in grads.items():
+            torch.testing.assert_close(step["grads"][name], g, rtol=1e-4, atol=1e-7, msg=f"update {u}: {name}")
+
+
+def test_metrics_with_several_updates_are_means_over_the_updates():
+    """Guards against the loss (or another metric) summed over updates instead of averaged, or taken
+    from the last update only: with 2 updates, each metric must be the mean of the two updates'
+    values computed from scratch, and grad_norm the mean of the two gradients' norms."""
+    seen, sums, parts = _updates_with_a_spy()
+    model, ref, rb, args, cpu = parts
+    with torch.no_grad():
+        first = sdpg.frozen_copy(model, torch.float32)
+        first.load_state_dict(seen[0]["weights"])
+        old_logp = sdpg.score(first, None, rb, slice(0, 8), False, args, cpu, False).logp
+    per_update = [_update_from_scratch(step["weights"], slice(4 * u, 4 * u + 4), old_logp, parts)[1]
+                  for u, step in enumerate(seen)]
+    assert per_update[0]["loss"] != pytest.approx(per_update[1]["loss"], rel=1e-2)  # a mean, not either one
+    for key in ("loss", "kl_distill", "kl_ref", "entropy"):
+        assert sums[key] == pytest.approx(statistics.mean(m[key] for m in per_update), rel=1e-4, abs=1e-7), key
+    norms = [torch.cat([g.flatten() for g in step["grads"].values()]).norm().item() for step in seen]
+    assert sums["grad_norm"] == pytest.approx(statistics.mean(norms), rel=1e-4)
+    assert sums["skipped_updates"] == 0
+
+
+# -----------------------------------------------------------------------------
 # verifiers.py: extraction, equivalence, rewards, robustness, security
 
 # --- is_equiv ----------------------------------------------------------------
