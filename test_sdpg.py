@@ -1127,6 +1127,27 @@ def test_metrics_with_several_updates_are_means_over_the_updates():
     assert sums["skipped_updates"] == 0
 
 
+@pytest.mark.parametrize("warmup", [1, 4])
+def test_learning_rate_warm_up_reaches_the_full_rate_at_optimiser_step_warmup(warmup):
+    """Guards against an off-by-one in the warm-up: the first optimiser step at lr 0 (it would be
+    wasted), or the full rate reached a step early or late. --lr-warmup W means the k-th optimiser
+    step uses lr * min(1, k / W), so step 1 uses lr / W and step W the full lr; W = 1 is no warm-up."""
+    args = sdpg.parse_args(["--model", "tiny", "--lr", "0.5", "--lr-warmup", str(warmup)])
+    layer = torch.nn.Linear(2, 1)
+    optimizer, scheduler = sdpg.build_optimizer(layer, args)
+    used = []
+    optimizer.register_step_pre_hook(lambda opt, a, k: used.append(opt.param_groups[0]["lr"]))
+    for _ in range(warmup + 2):
+        layer(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    assert used == pytest.approx([0.5 * min(1, k / warmup) for k in range(1, warmup + 3)], rel=1e-12)
+    # the trainer's own loop: with 2 updates per batch the warm-up counts optimiser steps, not batches
+    seen, _, _ = _updates_with_a_spy(lr_warmup=4)
+    assert [step["lr"] for step in seen] == pytest.approx([3e-3 / 4, 3e-3 * 2 / 4], rel=1e-12)
+
+
 # -----------------------------------------------------------------------------
 # verifiers.py: extraction, equivalence, rewards, robustness, security
 
