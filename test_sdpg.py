@@ -117,6 +117,29 @@ def test_chunked_terms_equal_unchunked_values_and_gradients():
         assert math.isclose(whole[2][i].item(), -(p * p.log()).sum().item(), rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("M", [1, 4, 5, 9, 13])
+def test_chunked_terms_keep_a_partial_last_chunk(M):
+    """Guards against the last chunk dropped or cut short when the number of response tokens is not a
+    multiple of --chunk-size (here 4): M = 1, 5, 9, 13 leave one token in the last chunk, M = 4 none.
+    Values and gradients must equal one chunk over all M tokens, token by token."""
+    torch.manual_seed(M)
+    H, V = 8, 31
+    head = torch.nn.Linear(H, V, bias=False)
+    hs0, ht, y = torch.randn(M, H), torch.randn(M, H), torch.randint(0, V, (M,))
+
+    def run(chunk):
+        head.zero_grad()
+        hs = hs0.clone().requires_grad_(True)
+        logp, kl, ent = sdpg.chunked_token_terms(hs, ht, y, head, 1.0, chunk)
+        (logp * torch.arange(1.0, M + 1) + kl).sum().backward()
+        return logp.detach(), kl.detach(), ent, hs.grad.clone(), head.weight.grad.clone()
+
+    for whole, chunked in zip(run(M), run(4), strict=True):
+        assert whole.shape == chunked.shape
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert run(4)[3][-1].abs().sum() > 0  # the last token's own gradient is there
+
+
 # -----------------------------------------------------------------------------
 # Advantages, gate, normalisation, schedule
 
