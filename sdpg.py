@@ -438,7 +438,8 @@ def split_gold(gold: str) -> tuple[str, str]:
     ('4', 'Half of 8 is $\\boxed{4}$.')
     """
     if "####" in gold:
-        return gsm8k_gold(gold), re.sub(r"<<[^>]*>>", "", gold.split("####")[0]).strip()
+        # the text before the last ####, whose line gsm8k_gold takes as the answer
+        return gsm8k_gold(gold), re.sub(r"<<[^>]*>>", "", gold.rsplit("####", 1)[0]).strip()
     if "\\boxed" in gold or "\\fbox" in gold:
         return extract_answer(gold) or "", gold
     return gold, ""

@@ -1377,6 +1377,20 @@ def test_gsm8k_gold(field, gold):
     assert gsm8k_gold(field) == gold
 
 
+CORRECTED = "5 + 1 = 6\n#### 5\nWait, that is wrong: 5 + 2 = <<5+2=7>>7.\n#### 7"
+
+
+def test_the_last_hashes_count_in_the_completion_and_in_the_gold():
+    """Guards against the first '####' taken instead of the last: an answer that writes a wrong
+    '#### 5', then corrects itself to '#### 7', is scored on 7, and a gold field written the same way
+    gives 7 as the answer and, to the teacher, the solution up to the last '####'."""
+    assert extract_answer(CORRECTED) == "7" and extract_answer(CORRECTED + "\nThat is all.") == "7"
+    assert math_reward(CORRECTED, "7") == 1.0 and math_reward(CORRECTED, "5") == 0.0
+    assert gsm8k_gold(CORRECTED) == "7"
+    row = sdpg.normalise_row({"question": "q", "answer": CORRECTED}, "row 0")
+    assert row["answer"] == "7" and row["solution"] == "5 + 1 = 6\n#### 5\nWait, that is wrong: 5 + 2 = 7."
+
+
 @pytest.mark.parametrize("bad", [None, 5, 5.0, b"5", ["5"], {"a": 1}])
 def test_non_string_input(bad):
     assert extract_answer(bad) is None
