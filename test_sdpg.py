@@ -655,17 +655,21 @@ def test_decode_step_clock_times_every_step_and_changes_nothing():
     settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                     eos_token_id=stop_ids, pad_token_id=0)
     clock = dst.StepClock()
+    start = time.perf_counter()
     timed = model.generate(input_ids=ids, logits_processor=[clock], **settings)
+    end = time.perf_counter()
     assert torch.equal(timed, model.generate(input_ids=ids, **settings))
     assert timed.shape[1] - 5 == 10 and len(clock.times) == 10
-    assert clock.times == sorted(clock.times)
+    # read during the call, from the clock the script subtracts from (another clock, or times kept from
+    # an earlier call, would give meaningless step times)
+    assert start < clock.times[0] and clock.times[-1] < end
 
 
 def test_sampling_dtype_smoke(tmp_path):
     """benchmarks/sampling_dtype.py runs at the tiny shape: both kinds of weights, every repeat, positive times."""
     out = tmp_path / "sd.json"
     cmd = [sys.executable, os.path.join(HERE, "benchmarks", "sampling_dtype.py"), "--answers", "2", "3",
-           "--repeats", "2", "--new-tokens", "4", "--json", str(out)]
+           "--repeats", "3", "--new-tokens", "4", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| 3 | bf16 copy |" in proc.stdout
@@ -674,8 +678,9 @@ def test_sampling_dtype_smoke(tmp_path):
     for rows in results.values():
         assert set(rows) == {"float32 weights", "bf16 copy"}
         for r in rows.values():
-            assert len(r["runs"]) == 2 and all(x > 0 for x in r["runs"])
-            assert r["min"] <= r["median"] <= r["max"]
+            assert len(r["runs"]) == 3 and all(x > 0 for x in r["runs"])
+            # the summary is of these runs (a mean called median, or the first run called min, fails)
+            assert (r["min"], r["median"], r["max"]) == (min(r["runs"]), statistics.median(r["runs"]), max(r["runs"]))
 
 
 def test_compare_harness_smoke(tmp_path):
@@ -767,11 +772,6 @@ def test_offline_demo_does_not_learn_with_the_advantage_sign_flipped(tmp_path, m
     monkeypatch.setattr(sdpg, "group_advantages", lambda r, g, eps=1e-6: -real(r, g, eps))
     first, last = _demo(tmp_path, ["--steps", "100", "--eval-every", "0", "--eval-n", "10"])
     assert last <= first + 0.05, (first, last)
-
-
-def test_bad_input_is_refused():
-    with pytest.raises(SystemExit, match="group-size must be >= 2"):
-        sdpg.main(["--model", "tiny", "--group-size", "1"])
 
 
 # -----------------------------------------------------------------------------
@@ -1442,13 +1442,18 @@ def test_degenerate_completion_is_fast(text):
 
 
 @pytest.mark.parametrize(
-    "answer",
-    ["9" * 990 + ",5", "\\text{" * 160, "(" * 500 + ")" * 500, "1," * 500, "((" * 250, "1e" + "9" * 990],
+    "answer,equal",
+    [("9" * 990 + ",5", True), ("\\text{" * 160, False), ("(" * 500 + ")" * 500, True), ("1," * 500, True),
+     ("((" * 250, True), ("1e" + "9" * 990, True)],
 )
-def test_worst_case_answer_within_cap_is_fast(answer):
+def test_worst_case_answer_within_cap_is_fast(answer, equal):
+    """Long answers just within the length cap are compared, and quickly. Guards against a slow
+    comparison and against one made fast by giving up: each answer must still equal itself (the
+    unbalanced \\text{ one is junk, equal to nothing)."""
     start = time.perf_counter()
-    is_equiv(answer, answer)
+    result = is_equiv(answer, answer)
     assert time.perf_counter() - start < 1.0
+    assert result is equal
 
 
 # --- security: model output is never evaluated -----------------------------------
