@@ -577,7 +577,19 @@ def test_one_training_step_changes_weights_and_writes_metrics(tmp_path):
     for key in ("step", "reward_mean", "kl_distill", "kl_ref", "beta", "gate_frac", "loss", "entropy",
                 "response_len", "lr", "time_s"):
         assert key in rows[1] and math.isfinite(rows[1][key]), key
-    assert "eval_accuracy" in rows[0] and "eval_accuracy" in rows[2]
+    # Values by hand. beta(k) = 0.5 min(1, (T - k) / T_decay) with T = 2 and T_decay = round(2 * 7 / 8) = 2;
+    # lr is the rate after the step's 2 optimiser steps: 3e-3 min(1, (2k + 1) / 10) with --lr-warmup 10.
+    assert [r["beta"] for r in rows[1:]] == pytest.approx([0.25, 0.0], abs=1e-12)
+    assert [r["lr"] for r in rows[1:]] == pytest.approx([3e-3 * 3 / 10, 3e-3 * 5 / 10], rel=1e-9)
+    for r in rows[1:]:  # 16 answers of at most 2 tokens; group advantages > 0 only where a group has a right answer
+        assert 16 * r["reward_mean"] == pytest.approx(round(16 * r["reward_mean"])) and 0 <= r["reward_mean"] <= 1
+        assert 16 * r["gate_frac"] == pytest.approx(round(16 * r["gate_frac"]))
+        assert r["gate_frac"] == 0 or 0 < r["reward_mean"] < 1
+        assert 1 <= r["response_len"] <= 2 and 0 < r["entropy"] <= math.log(len(sdpg.build_char_tokenizer()))
+        assert r["kl_distill"] > 0 and r["kl_ref"] >= 0 and r["grad_norm"] > 0 and r["skipped_updates"] == 0
+    for r in (rows[0], rows[2]):
+        assert 8 * r["eval_accuracy"] == pytest.approx(round(8 * r["eval_accuracy"]))
+    assert "eval_accuracy" not in rows[1]
     assert json.loads((out / "config.json").read_text())["model"] == "tiny"
     trained = AutoModelForCausalLM.from_pretrained(out / "final")
     init = sdpg.build_tiny_model(sdpg.build_char_tokenizer(), seed=0)
@@ -585,12 +597,25 @@ def test_one_training_step_changes_weights_and_writes_metrics(tmp_path):
     assert all(changed)
 
 
-def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path, monkeypatch):
+    """Guards against --gradient-checkpointing never switching checkpointing on (the equal metrics would
+    then prove nothing) and against it changing a training number; runs of different lengths fail too."""
     run = SMALL_RUN + ["--steps", "2"]
+    models, load = [], sdpg.load_model
+
+    def keep(*a):
+        model, tokenizer = load(*a)
+        models.append(model)
+        return model, tokenizer
+
+    monkeypatch.setattr(sdpg, "load_model", keep)
     sdpg.main(run + ["--output-dir", str(tmp_path / "plain")])
     sdpg.main(run + ["--output-dir", str(tmp_path / "ckpt"), "--gradient-checkpointing"])
-    for a, b in zip(_comparable(_rows(tmp_path / "plain" / "metrics.jsonl")),
-                    _comparable(_rows(tmp_path / "ckpt" / "metrics.jsonl"))):
+    assert [all(layer.gradient_checkpointing for layer in m.model.layers) for m in models] == [False, True]
+    plain = _comparable(_rows(tmp_path / "plain" / "metrics.jsonl"))
+    ckpt = _comparable(_rows(tmp_path / "ckpt" / "metrics.jsonl"))
+    assert [r["step"] for r in plain] == [r["step"] for r in ckpt] == [0, 1, 2]
+    for a, b in zip(plain, ckpt, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
 
 
