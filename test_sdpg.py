@@ -1123,6 +1123,15 @@ def _updates_with_a_spy(lr_warmup=1):
     return seen, sums, (model, ref, rb, args, cpu)
 
 
+def _rollout_logp(weights, parts):
+    """The rollout policy's log-probs of all 8 answers: the weights before the batch's first update."""
+    model, _, rb, args, cpu = parts
+    first = sdpg.frozen_copy(model, torch.float32)
+    first.load_state_dict(weights)
+    with torch.no_grad():
+        return sdpg.score(first, None, rb, slice(0, 8), False, args, cpu, False).logp
+
+
 def _update_from_scratch(weights, rows, old_logp, parts):
     """One update's loss, gradient and token-averaged metrics, all its answers in one forward pass
     at the given weights, with fresh gradients."""
@@ -1149,11 +1158,7 @@ def test_each_optimiser_step_sees_only_its_own_micro_batches():
     computed from scratch at the weights the step started from."""
     seen, _, parts = _updates_with_a_spy()
     assert len(seen) == 2
-    model, ref, rb, args, cpu = parts
-    with torch.no_grad():  # the rollout policy's log-probs: the weights before the first update
-        first = sdpg.frozen_copy(model, torch.float32)
-        first.load_state_dict(seen[0]["weights"])
-        old_logp = sdpg.score(first, None, rb, slice(0, 8), False, args, cpu, False).logp
+    old_logp = _rollout_logp(seen[0]["weights"], parts)
     for u, step in enumerate(seen):
         grads, _ = _update_from_scratch(step["weights"], slice(4 * u, 4 * u + 4), old_logp, parts)
         for name, g in grads.items():
@@ -1165,11 +1170,7 @@ def test_metrics_with_several_updates_are_means_over_the_updates():
     from the last update only: with 2 updates, each metric must be the mean of the two updates'
     values computed from scratch, and grad_norm the mean of the two gradients' norms."""
     seen, sums, parts = _updates_with_a_spy()
-    model, ref, rb, args, cpu = parts
-    with torch.no_grad():
-        first = sdpg.frozen_copy(model, torch.float32)
-        first.load_state_dict(seen[0]["weights"])
-        old_logp = sdpg.score(first, None, rb, slice(0, 8), False, args, cpu, False).logp
+    old_logp = _rollout_logp(seen[0]["weights"], parts)
     per_update = [_update_from_scratch(step["weights"], slice(4 * u, 4 * u + 4), old_logp, parts)[1]
                   for u, step in enumerate(seen)]
     assert per_update[0]["loss"] != pytest.approx(per_update[1]["loss"], rel=1e-2)  # a mean, not either one
@@ -1178,6 +1179,26 @@ def test_metrics_with_several_updates_are_means_over_the_updates():
     norms = [torch.cat([g.flatten() for g in step["grads"].values()]).norm().item() for step in seen]
     assert sums["grad_norm"] == pytest.approx(statistics.mean(norms), rel=1e-4)
     assert sums["skipped_updates"] == 0
+
+
+def test_a_skipped_update_leaves_no_gradient_to_the_next():
+    """Guards against gradients cleared only after a successful step: when the first update's loss is
+    NaN, that update is skipped, and the second must see only its own answers' gradient at the
+    initial weights, with the warm-up's first rate (a skipped update does not count)."""
+    real, calls = sdpg.sdpg_loss, []
+
+    def nan_in_the_first_update(*a, **k):
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) <= 2 else 1.0)  # update 1 = micro-batches 1, 2
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sdpg, "sdpg_loss", nan_in_the_first_update)
+        seen, sums, parts = _updates_with_a_spy(lr_warmup=4)
+    assert len(seen) == 1 and sums["skipped_updates"] == 1 and seen[0]["lr"] == pytest.approx(3e-3 / 4)
+    old_logp = _rollout_logp(seen[0]["weights"], parts)
+    grads, _ = _update_from_scratch(seen[0]["weights"], slice(4, 8), old_logp, parts)
+    for name, g in grads.items():
+        torch.testing.assert_close(seen[0]["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("warmup", [1, 4])
