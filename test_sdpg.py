@@ -107,7 +107,7 @@ def test_chunked_terms_equal_unchunked_values_and_gradients():
         return logp.detach(), kl.detach(), ent, hs.grad.clone(), head.weight.grad.clone()
 
     whole, chunked = run(M), run(5)
-    for a, b in zip(whole, chunked):
+    for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # and against a naive per-token loop over the vocabulary
     logits_s, logits_t = head(hs0) / T, head(ht) / T
@@ -593,8 +593,8 @@ def test_one_training_step_changes_weights_and_writes_metrics(tmp_path):
     assert json.loads((out / "config.json").read_text())["model"] == "tiny"
     trained = AutoModelForCausalLM.from_pretrained(out / "final")
     init = sdpg.build_tiny_model(sdpg.build_char_tokenizer(), seed=0)
-    changed = [not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), init.state_dict().values())]
-    assert all(changed)
+    trained, init = trained.state_dict(), init.state_dict()
+    assert trained.keys() == init.keys() and all(not torch.equal(w, init[name]) for name, w in trained.items())
 
 
 def test_gradient_checkpointing_changes_memory_not_results(tmp_path, monkeypatch):
@@ -1081,7 +1081,7 @@ def test_released_configuration_runs_and_splits_over_micro_batches(tmp_path):
     sdpg.main(run + ["--micro-batch", "8", "--eval-samples", "2", "--output-dir", str(tmp_path / "b")])
     a, b = _rows(tmp_path / "a" / "metrics.jsonl"), _rows(tmp_path / "b" / "metrics.jsonl")
     assert "eval_mean_at_k" not in a[0] and all(0 <= r.pop("eval_mean_at_k") <= 1 for r in b)
-    for x, y in zip(_comparable(a), _comparable(b)):
+    for x, y in zip(_comparable(a), _comparable(b), strict=True):
         assert x == pytest.approx(y, rel=1e-5, abs=1e-7)
     assert -2 <= a[1]["reward_mean"] <= 1 and a[1]["kl_distill"] > 0
     final = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "final").state_dict() for run in "ab"]
@@ -1589,7 +1589,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert [r["step"] for r in resumed] == list(range(13))
     # same data, same RNG states, same weights and optimiser: the same run (on CPU, bit for bit
     # up to the float rounding of summing metrics)
-    for a, b in zip(_comparable(resumed), _comparable(straight)):
+    for a, b in zip(_comparable(resumed), _comparable(straight), strict=True):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
@@ -1746,9 +1746,9 @@ def test_bf16_sampler_follows_the_policy():
         for p in model.parameters():
             p.add_(0.5)
     sdpg.refresh_sampler(sampler, model)
-    for a, b in zip(sampler.state_dict().values(), model.state_dict().values()):
+    for a, b in zip(sampler.state_dict().values(), model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b.to(torch.bfloat16))
     # buffers (RoPE's inverse frequencies) stay float32: in bf16 the copy would be another model
-    for (name, a), (_, b) in zip(sampler.named_buffers(), model.named_buffers()):
+    for (name, a), (_, b) in zip(sampler.named_buffers(), model.named_buffers(), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert sdpg.make_sampler(model, bf16=False) is model
