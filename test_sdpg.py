@@ -1612,17 +1612,24 @@ def _killed_at(monkeypatch, step):
     monkeypatch.setattr(sdpg, "collect_rollouts", collect)
 
 
-KILL_RUN = ["--model", "tiny", "--steps", "5", "--batch-prompts", "2", "--group-size", "2", "--eval-every", "0",
+KILL_RUN = ["--model", "tiny", "--steps", "4", "--batch-prompts", "2", "--group-size", "2", "--eval-every", "0",
             "--eval-n", "2", "--save-every", "2", "--beta-warmup", "0", "--beta-decay", "0"]
 
 
+@pytest.fixture(scope="module")
+def never_killed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    sdpg.main(KILL_RUN + ["--output-dir", str(out)])
+    return _comparable(_rows(out / "metrics.jsonl"))
+
+
 @pytest.mark.parametrize("killed_at", [4, 2])
-def test_hard_kill_between_checkpoints_then_resume_logs_each_step_once(killed_at, tmp_path, monkeypatch):
+def test_hard_kill_between_checkpoints_then_resume_logs_each_step_once(killed_at, never_killed, tmp_path,
+                                                                       monkeypatch):
     """Guards against a resumed run logging steps twice: the rows written after the last checkpoint
     (step 3 when killed at 4, after checkpoint-2), or the step-0 evaluation when the run died before
     its first checkpoint and --resume starts from scratch; and against a half-written last line
     (the kill came during a write) making --resume fail."""
-    sdpg.main(KILL_RUN + ["--output-dir", str(tmp_path / "straight")])
     out, metrics = tmp_path / "killed", tmp_path / "killed" / "metrics.jsonl"
     with monkeypatch.context() as m:
         _killed_at(m, killed_at)
@@ -1633,9 +1640,9 @@ def test_hard_kill_between_checkpoints_then_resume_logs_each_step_once(killed_at
     with open(metrics, "a") as f:
         f.write('{"step": %d, "reward_me' % killed_at)  # cut off mid-row, no newline
     sdpg.main(KILL_RUN + ["--output-dir", str(out), "--resume"])
-    resumed, straight = _comparable(_rows(metrics)), _comparable(_rows(tmp_path / "straight" / "metrics.jsonl"))
-    assert [r["step"] for r in resumed] == list(range(6))
-    for a, b in zip(resumed, straight, strict=True):
+    resumed = _comparable(_rows(metrics))
+    assert [r["step"] for r in resumed] == list(range(5))
+    for a, b in zip(resumed, never_killed, strict=True):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6), a["step"]
 
 
