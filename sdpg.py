@@ -196,9 +196,16 @@ PRESETS = {
 }
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, except that a bad flag or value gets one line instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (python sdpg.py --help lists every flag)\n")  # 2: argparse's usage code
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
     """Command line -> Args, with the "auto" defaults filled in."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README.md.",
+    parser = OneLineErrors(description=__doc__.split("\n\n")[0] + " See README.md.",
                                      epilog="examples:\n" + __doc__.split("Run it:\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Args):
