@@ -125,7 +125,7 @@ def table(results: dict, n_seeds: int, threshold: float) -> str:
     return "\n".join(lines) + f"\n\nmean ± sd over {n_seeds} seed(s)\n"
 
 
-LABELS = {"reward_mean": "training reward (fraction right)", "eval_accuracy": "held-out accuracy (greedy)",
+LABELS = {"reward_mean": "training reward (fraction right)", "eval_accuracy": "evaluation accuracy (greedy)",
           "kl_distill": "KL(student || teacher), nats/token", "entropy": "entropy, nats/token",
           "response_len": "answer length, tokens"}
 
