@@ -1471,6 +1471,16 @@ def test_command_line_errors_are_one_line(flags, message, capsys):
     assert e.value.code == 2 and message in err and "--help" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_format_row_shows_every_metric_and_a_dash_for_one_that_is_off():
+    """The per-step line: fixed formats, '-' for a metric that is off (--beta 0 gives kl_distill None), and the
+    evaluations appended only on steps that have them (guards a None formatted as a number, which raises)."""
+    row = {"step": 7, "reward_mean": 0.5, "kl_distill": None, "kl_ref": 0.01234, "beta": 1e-3, "gate_frac": 0.25,
+           "entropy": 1.5, "response_len": 12.0, "time_s": 0.456}
+    assert sdpg.format_row(row) == ("step    7 | reward 0.500 | kl_distill - | kl_ref 0.0123 | beta 1.0e-03 | "
+                                    "gate 0.25 | entropy 1.500 | len 12.0 | 0.46s")
+    assert sdpg.format_row({**row, "eval_accuracy": 0.75}).endswith("0.46s | eval_accuracy 0.750")
+
+
 def test_bad_dataset_files(tmp_path):
     empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
     empty.write_text("")
