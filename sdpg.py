@@ -196,9 +196,16 @@ PRESETS = {
 }
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, except that a bad flag or value gets one line instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (python sdpg.py --help lists every flag)\n")  # 2: argparse's usage code
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
     """Command line -> Args, with the "auto" defaults filled in."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " See README.md.",
+    parser = OneLineErrors(description=__doc__.split("\n\n")[0] + " See README.md.",
                                      epilog="examples:\n" + __doc__.split("Run it:\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Args):
@@ -1344,7 +1351,9 @@ def save_checkpoint(model, tokenizer, path: str, state: dict | None = None) -> N
 
 def checkpoints(output_dir: str) -> list[str]:
     """Complete checkpoint-STEP directories, oldest first (*.tmp ones were never finished)."""
-    names = [n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n)] if os.path.isdir(output_dir) else []
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n)]
     return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[1]))]
 
 
@@ -1431,8 +1440,8 @@ def check_prompt_lengths(model, tokenizer, examples: list[dict], instruction: st
     for i, ex in enumerate(examples):
         n = len(encode_prompt(tokenizer, prompt_texts(ex, instruction, templates)[1 if teacher else 0]))
         if n + max_new_tokens > limit:
-            raise SystemExit(f"error: example {i}'s {'teacher ' if teacher else ''}prompt has {n} tokens; with --max-new-tokens "
-                             f"{max_new_tokens} that exceeds the model's context of {limit} tokens")
+            raise SystemExit(f"error: example {i}'s {'teacher ' if teacher else ''}prompt has {n} tokens; with "
+                             f"--max-new-tokens {max_new_tokens} that exceeds the model's context of {limit} tokens")
 
 
 def check_output_head(model, tokenizer, device: torch.device) -> None:
@@ -1552,10 +1561,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def format_row(row: dict) -> str:
     """One fixed-format line per step."""
-    fmt = lambda k, spec: "-" if row.get(k) is None else format(row[k], spec)  # noqa: E731
-    line = (f"step {row['step']:4d} | reward {fmt('reward_mean', '.3f')} | kl_distill {fmt('kl_distill', '.4f')} | "
-            f"kl_ref {fmt('kl_ref', '.4f')} | beta {fmt('beta', '.1e')} | gate {fmt('gate_frac', '.2f')} | "
-            f"entropy {fmt('entropy', '.3f')} | len {fmt('response_len', '.1f')} | {fmt('time_s', '.2f')}s")
+    shown = {k: "-" if row.get(k) is None else format(row[k], spec) for k, spec in (
+        ("reward_mean", ".3f"), ("kl_distill", ".4f"), ("kl_ref", ".4f"), ("beta", ".1e"), ("gate_frac", ".2f"),
+        ("entropy", ".3f"), ("response_len", ".1f"), ("time_s", ".2f"))}  # a metric that is off shows as "-"
+    line = (f"step {row['step']:4d} | reward {shown['reward_mean']} | kl_distill {shown['kl_distill']} | "
+            f"kl_ref {shown['kl_ref']} | beta {shown['beta']} | gate {shown['gate_frac']} | "
+            f"entropy {shown['entropy']} | len {shown['response_len']} | {shown['time_s']}s")
     return line + "".join(f" | {k} {row[k]:.3f}" for k in ("eval_accuracy", "eval_mean_at_k") if k in row)
 
 

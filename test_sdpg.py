@@ -755,6 +755,17 @@ def test_compare_variant_names_and_threshold():
     assert s["final_entropy"] == pytest.approx(2.0 - statistics.mean(rewards[-3:]))
 
 
+def test_compare_plot_mean_and_spread_over_seeds():
+    """The comparison figure's line is the mean over seeds and its band the lowest to highest seed, at the
+    steps every seed logged (guards a band drawn from one seed, or a mean over misaligned steps)."""
+    from compare import mean_and_spread
+
+    seeds = [[(0, 0.1), (10, 0.5), (20, 0.9)], [(0, 0.3), (10, 0.1)], [(0, 0.2), (10, 0.3), (20, 0.0)]]
+    steps, mean, low, high = mean_and_spread(seeds)
+    assert steps == [0, 10]  # step 20 is missing from the second seed
+    assert mean == pytest.approx([0.2, 0.3]) and low == [0.1, 0.1] and high == [0.3, 0.5]
+
+
 def test_unseen_accuracy_knows_the_training_questions(tmp_path, monkeypatch):
     from unseen_accuracy import questions_met
 
@@ -1700,6 +1711,30 @@ def test_bad_input_gets_one_clear_line(flags, message, tmp_path):
     assert "\n" not in str(e.value.code)
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--kl-mode", "bogus"], "argument --kl-mode: invalid choice: 'bogus'"),
+    (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_command_line_errors_are_one_line(flags, message, capsys):
+    """argparse's own errors (a bad choice, a bad number, an unknown flag) come as one line that names the
+    flag and points to --help, not as a usage block (guards against the default argparse.ArgumentParser)."""
+    with pytest.raises(SystemExit) as e:
+        sdpg.parse_args(["--model", "tiny", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "--help" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_format_row_shows_every_metric_and_a_dash_for_one_that_is_off():
+    """The per-step line: fixed formats, '-' for a metric that is off (--beta 0 gives kl_distill None), and the
+    evaluations appended only on steps that have them (guards a None formatted as a number, which raises)."""
+    row = {"step": 7, "reward_mean": 0.5, "kl_distill": None, "kl_ref": 0.01234, "beta": 1e-3, "gate_frac": 0.25,
+           "entropy": 1.5, "response_len": 12.0, "time_s": 0.456}
+    assert sdpg.format_row(row) == ("step    7 | reward 0.500 | kl_distill - | kl_ref 0.0123 | beta 1.0e-03 | "
+                                    "gate 0.25 | entropy 1.500 | len 12.0 | 0.46s")
+    assert sdpg.format_row({**row, "eval_accuracy": 0.75}).endswith("0.46s | eval_accuracy 0.750")
+
+
 def test_bad_dataset_files(tmp_path):
     empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
     empty.write_text("")
@@ -1727,9 +1762,9 @@ def test_errors_reach_the_user_as_one_line_without_traceback(tmp_path):
         out = subprocess.run([sys.executable, os.path.join(HERE, "sdpg.py"), *flags, "--output-dir", str(tmp_path)],
                              capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == code and "Traceback" not in out.stderr, out.stderr
-        assert out.stderr.strip().splitlines()[-1].startswith(("error:", "sdpg.py: error:"))
+        assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:"), out.stderr
         if code == 1:  # the Hub is unreachable: the one line points at the offline demo
-            assert len(out.stderr.strip().splitlines()) == 1 and "--model tiny --dataset toy" in out.stderr
+            assert "--model tiny --dataset toy" in out.stderr
 
 
 def test_tokenizer_without_eos_is_refused(tmp_path, monkeypatch):

@@ -125,7 +125,21 @@ def table(results: dict, n_seeds: int, threshold: float) -> str:
     return "\n".join(lines) + f"\n\nmean ± sd over {n_seeds} seed(s)\n"
 
 
+LABELS = {"reward_mean": "training reward (fraction right)", "eval_accuracy": "evaluation accuracy (greedy)",
+          "kl_distill": "KL(student || teacher), nats/token", "entropy": "entropy, nats/token",
+          "response_len": "answer length, tokens"}
+
+
+def mean_and_spread(per_seed: list[list[tuple[int, float]]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """At each step that every seed logged: the mean over seeds, the lowest and the highest value."""
+    common = sorted(set.intersection(*(set(dict(pts)) for pts in per_seed)))
+    values = [[dict(pts)[step] for pts in per_seed] for step in common]
+    return common, [statistics.mean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
 def plot(results: dict, path: str, window: int) -> bool:
+    """One line per variant (the mean over its seeds), the range between its lowest and highest seed shaded.
+    Training curves are smoothed per run with a --window moving average first; evaluations are not."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -135,19 +149,25 @@ def plot(results: dict, path: str, window: int) -> bool:
         return False
     fig, grid = plt.subplots(2, 3, figsize=(12, 6.4))
     axes = grid.flatten()
-    axes[-1].axis("off")  # five curves on a 2 x 3 grid
     for ax, key in zip(axes, CURVES):
-        for name, per_seed in results.items():
-            for i, x in enumerate(per_seed):
+        for colour, (name, runs) in enumerate(results.items()):
+            per_seed = []
+            for x in runs:
                 pts = [(r["step"], r[key]) for r in x["rows"] if r.get(key) is not None]
-                if not pts:
-                    continue
-                steps, ys = zip(*pts)
-                ys = ys if key == "eval_accuracy" else moving_average(list(ys), window)
-                ax.plot(steps, ys, color=f"C{list(results).index(name)}", alpha=0.8, label=name if i == 0 else None)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    axes[0].legend(fontsize=7)
+                if pts and key != "eval_accuracy":
+                    pts = list(zip([s for s, _ in pts], moving_average([y for _, y in pts], window)))
+                per_seed.append(pts)
+            if not all(per_seed):
+                continue
+            steps, mean, low, high = mean_and_spread(per_seed)
+            ax.plot(steps, mean, color=f"C{colour}", marker="o" if key == "eval_accuracy" else None,
+                    label=f"{name} ({len(runs)} seeds)")
+            ax.fill_between(steps, low, high, color=f"C{colour}", alpha=0.15, linewidth=0)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(LABELS[key])
+    axes[-1].axis("off")  # five curves on a 2 x 3 grid; the legend goes in the sixth cell
+    axes[-1].legend(*axes[0].get_legend_handles_labels(), loc="center", fontsize=8,
+                    title="line: mean over seeds\nshaded: lowest to highest seed")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
