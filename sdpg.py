@@ -445,7 +445,8 @@ def split_gold(gold: str) -> tuple[str, str]:
     ('4', 'Half of 8 is $\\boxed{4}$.')
     """
     if "####" in gold:
-        return gsm8k_gold(gold), re.sub(r"<<[^>]*>>", "", gold.split("####")[0]).strip()
+        # the text before the last ####, whose line gsm8k_gold takes as the answer
+        return gsm8k_gold(gold), re.sub(r"<<[^>]*>>", "", gold.rsplit("####", 1)[0]).strip()
     if "\\boxed" in gold or "\\fbox" in gold:
         return extract_answer(gold) or "", gold
     return gold, ""
@@ -1401,8 +1402,10 @@ def restore_checkpoint(path: str, model, optimizer, scheduler, order: random.Ran
 
 def open_metrics(path: str, first_step: int):
     """Opens metrics.jsonl for appending, after dropping rows of steps >= first_step (a resumed run
-    repeats the steps after its checkpoint, and every step must appear exactly once)."""
-    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    repeats the steps after its checkpoint, and every step must appear exactly once) and a last row
+    that a hard kill cut off in the middle of its write (it has no newline)."""
+    lines = open(path).readlines() if os.path.exists(path) else []
+    rows = [json.loads(line) for line in lines if line.endswith("\n")]
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] < first_step)
     return open(path, "a")
@@ -1507,7 +1510,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with open(os.path.join(args.output_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(args), f, indent=2)
-    metrics_file = open_metrics(os.path.join(args.output_dir, "metrics.jsonl"), start_step)
+    # Without a checkpoint the run starts again at step 0, whose evaluation row is logged again.
+    metrics_file = open_metrics(os.path.join(args.output_dir, "metrics.jsonl"), start_step if resume_from else 0)
     log = lambda row: (metrics_file.write(json.dumps(row) + "\n"), metrics_file.flush())  # noqa: E731
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.model} ({n_params / 1e6:.1f}M parameters) | dataset {args.dataset} ({len(train)} train, "

@@ -75,19 +75,21 @@ def test_reverse_kl_is_float32_and_teacher_gets_no_gradient():
 
 
 def test_proposition_3_1_identity():
-    # On a fixed prefix, grad of KL(p || SG q) equals grad of -E_{a~p}[A_dist(a) log p(a)] with
-    # A_dist(a) = SG[KL - log(p(a)/q(a))], and E_{a~p}[A_dist] = 0.
+    """On a fixed prefix, grad of KL(p || SG q) equals grad of -E_{a~p}[A_dist(a) log p(a)] with
+    A_dist(a) = SG[KL - log(p(a)/q(a))], and E_{a~p}[A_dist] = 0. Both sides use our KL: the gradient
+    guards its derivative, the zero mean its value (a KL off by a constant or a factor would not centre
+    A_dist; a gradient-only check would miss a constant)."""
     torch.manual_seed(1)
     s = torch.randn(7, 40, dtype=torch.float64, requires_grad=True)
     t = torch.randn(7, 40, dtype=torch.float64)
-    (g_kl,) = torch.autograd.grad(sdpg.full_vocab_reverse_kl(s, t).sum(), s)
+    ours = sdpg.full_vocab_reverse_kl(s, t)  # (7,)
+    (g_kl,) = torch.autograd.grad(ours.sum(), s)
     logp, logq = F.log_softmax(s, -1), F.log_softmax(t, -1)
-    kl = (logp.exp() * (logp - logq)).sum(-1, keepdim=True)
-    A_dist = (kl - (logp - logq)).detach()
+    A_dist = (ours[:, None] - (logp - logq)).detach()  # (7, 40)
     surrogate = -(logp.exp().detach() * A_dist * logp).sum()  # expectation over a ~ p, exact
     (g_pg,) = torch.autograd.grad(surrogate, s)
     torch.testing.assert_close(g_kl, g_pg, rtol=1e-4, atol=1e-6)  # our KL runs in float32
-    torch.testing.assert_close((logp.exp() * A_dist).sum(-1), torch.zeros(7, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close((logp.exp() * A_dist).sum(-1), torch.zeros(7, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
 def test_chunked_terms_equal_unchunked_values_and_gradients():
@@ -105,7 +107,7 @@ def test_chunked_terms_equal_unchunked_values_and_gradients():
         return logp.detach(), kl.detach(), ent, hs.grad.clone(), head.weight.grad.clone()
 
     whole, chunked = run(M), run(5)
-    for a, b in zip(whole, chunked):
+    for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # and against a naive per-token loop over the vocabulary
     logits_s, logits_t = head(hs0) / T, head(ht) / T
@@ -115,6 +117,29 @@ def test_chunked_terms_equal_unchunked_values_and_gradients():
         assert math.isclose(whole[1][i].item(), naive_kl.item(), rel_tol=1e-4, abs_tol=1e-6)
         assert math.isclose(whole[0][i].item(), p[y[i]].log().item(), rel_tol=1e-5)
         assert math.isclose(whole[2][i].item(), -(p * p.log()).sum().item(), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("M", [1, 4, 5, 9, 13])
+def test_chunked_terms_keep_a_partial_last_chunk(M):
+    """Guards against the last chunk dropped or cut short when the number of response tokens is not a
+    multiple of --chunk-size (here 4): M = 1, 5, 9, 13 leave one token in the last chunk, M = 4 none.
+    Values and gradients must equal one chunk over all M tokens, token by token."""
+    torch.manual_seed(M)
+    H, V = 8, 31
+    head = torch.nn.Linear(H, V, bias=False)
+    hs0, ht, y = torch.randn(M, H), torch.randn(M, H), torch.randint(0, V, (M,))
+
+    def run(chunk):
+        head.zero_grad()
+        hs = hs0.clone().requires_grad_(True)
+        logp, kl, ent = sdpg.chunked_token_terms(hs, ht, y, head, 1.0, chunk)
+        (logp * torch.arange(1.0, M + 1) + kl).sum().backward()
+        return logp.detach(), kl.detach(), ent, hs.grad.clone(), head.weight.grad.clone()
+
+    for whole, chunked in zip(run(M), run(4), strict=True):
+        assert whole.shape == chunked.shape
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert run(4)[3][-1].abs().sum() > 0  # the last token's own gradient is there
 
 
 # -----------------------------------------------------------------------------
@@ -193,7 +218,8 @@ def test_beta_schedule_edges():
 
 @pytest.mark.parametrize("mode", ["urkl", "ufkl", "fkl", "rkl"])
 def test_reference_kl_gradient_matches_closed_form(mode):
-    # SDPG_MATH.md section 6: d f / d log p, with log w = log p - log pi_ref
+    """SDPG_MATH.md section 6: d f / d log p, with log w = log p - log pi_ref. Guards against a wrong
+    surrogate for a mode and against a reference that is not a constant (gradient flowing into it)."""
     closed_form = {"urkl": lambda lw: lw, "ufkl": lambda lw: 1 - torch.exp(-lw),
                    "fkl": lambda lw: -torch.exp(-lw), "rkl": lambda lw: lw + 1}[mode]
     torch.manual_seed(6)
@@ -201,7 +227,9 @@ def test_reference_kl_gradient_matches_closed_form(mode):
     ref = torch.randn(20, dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(sdpg.reference_kl(logp, ref, mode).sum(), logp)
     torch.testing.assert_close(g, closed_form((logp - ref).detach()))
-    assert sdpg.reference_kl(logp, ref, mode).sum().grad_fn is not None
+    # ref_logp is a constant: no gradient reaches it (a live reference would be pulled towards the policy)
+    (g_ref,) = torch.autograd.grad(sdpg.reference_kl(logp, ref, mode).sum(), ref, allow_unused=True)
+    assert g_ref is None
     with pytest.raises(ValueError):
         sdpg.reference_kl(logp, ref, "kl")
 
@@ -549,20 +577,45 @@ def test_one_training_step_changes_weights_and_writes_metrics(tmp_path):
     for key in ("step", "reward_mean", "kl_distill", "kl_ref", "beta", "gate_frac", "loss", "entropy",
                 "response_len", "lr", "time_s"):
         assert key in rows[1] and math.isfinite(rows[1][key]), key
-    assert "eval_accuracy" in rows[0] and "eval_accuracy" in rows[2]
+    # Values by hand. beta(k) = 0.5 min(1, (T - k) / T_decay) with T = 2 and T_decay = round(2 * 7 / 8) = 2;
+    # lr is the rate after the step's 2 optimiser steps: 3e-3 min(1, (2k + 1) / 10) with --lr-warmup 10.
+    assert [r["beta"] for r in rows[1:]] == pytest.approx([0.25, 0.0], abs=1e-12)
+    assert [r["lr"] for r in rows[1:]] == pytest.approx([3e-3 * 3 / 10, 3e-3 * 5 / 10], rel=1e-9)
+    for r in rows[1:]:  # 16 answers of at most 2 tokens; group advantages > 0 only where a group has a right answer
+        assert 16 * r["reward_mean"] == pytest.approx(round(16 * r["reward_mean"])) and 0 <= r["reward_mean"] <= 1
+        assert 16 * r["gate_frac"] == pytest.approx(round(16 * r["gate_frac"]))
+        assert r["gate_frac"] == 0 or 0 < r["reward_mean"] < 1
+        assert 1 <= r["response_len"] <= 2 and 0 < r["entropy"] <= math.log(len(sdpg.build_char_tokenizer()))
+        assert r["kl_distill"] > 0 and r["kl_ref"] >= 0 and r["grad_norm"] > 0 and r["skipped_updates"] == 0
+    for r in (rows[0], rows[2]):
+        assert 8 * r["eval_accuracy"] == pytest.approx(round(8 * r["eval_accuracy"]))
+    assert "eval_accuracy" not in rows[1]
     assert json.loads((out / "config.json").read_text())["model"] == "tiny"
     trained = AutoModelForCausalLM.from_pretrained(out / "final")
     init = sdpg.build_tiny_model(sdpg.build_char_tokenizer(), seed=0)
-    changed = [not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), init.state_dict().values())]
-    assert all(changed)
+    trained, init = trained.state_dict(), init.state_dict()
+    assert trained.keys() == init.keys() and all(not torch.equal(w, init[name]) for name, w in trained.items())
 
 
-def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path, monkeypatch):
+    """Guards against --gradient-checkpointing never switching checkpointing on (the equal metrics would
+    then prove nothing) and against it changing a training number; runs of different lengths fail too."""
     run = SMALL_RUN + ["--steps", "2"]
+    models, load = [], sdpg.load_model
+
+    def keep(*a):
+        model, tokenizer = load(*a)
+        models.append(model)
+        return model, tokenizer
+
+    monkeypatch.setattr(sdpg, "load_model", keep)
     sdpg.main(run + ["--output-dir", str(tmp_path / "plain")])
     sdpg.main(run + ["--output-dir", str(tmp_path / "ckpt"), "--gradient-checkpointing"])
-    for a, b in zip(_comparable(_rows(tmp_path / "plain" / "metrics.jsonl")),
-                    _comparable(_rows(tmp_path / "ckpt" / "metrics.jsonl"))):
+    assert [all(layer.gradient_checkpointing for layer in m.model.layers) for m in models] == [False, True]
+    plain = _comparable(_rows(tmp_path / "plain" / "metrics.jsonl"))
+    ckpt = _comparable(_rows(tmp_path / "ckpt" / "metrics.jsonl"))
+    assert [r["step"] for r in plain] == [r["step"] for r in ckpt] == [0, 1, 2]
+    for a, b in zip(plain, ckpt, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
 
 
@@ -627,17 +680,21 @@ def test_decode_step_clock_times_every_step_and_changes_nothing():
     settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                     eos_token_id=stop_ids, pad_token_id=0)
     clock = dst.StepClock()
+    start = time.perf_counter()
     timed = model.generate(input_ids=ids, logits_processor=[clock], **settings)
+    end = time.perf_counter()
     assert torch.equal(timed, model.generate(input_ids=ids, **settings))
     assert timed.shape[1] - 5 == 10 and len(clock.times) == 10
-    assert clock.times == sorted(clock.times)
+    # read during the call, from the clock the script subtracts from (another clock, or times kept from
+    # an earlier call, would give meaningless step times)
+    assert start < clock.times[0] and clock.times[-1] < end
 
 
 def test_sampling_dtype_smoke(tmp_path):
     """benchmarks/sampling_dtype.py runs at the tiny shape: both kinds of weights, every repeat, positive times."""
     out = tmp_path / "sd.json"
     cmd = [sys.executable, os.path.join(HERE, "benchmarks", "sampling_dtype.py"), "--answers", "2", "3",
-           "--repeats", "2", "--new-tokens", "4", "--json", str(out)]
+           "--repeats", "3", "--new-tokens", "4", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| 3 | bf16 copy |" in proc.stdout
@@ -646,8 +703,9 @@ def test_sampling_dtype_smoke(tmp_path):
     for rows in results.values():
         assert set(rows) == {"float32 weights", "bf16 copy"}
         for r in rows.values():
-            assert len(r["runs"]) == 2 and all(x > 0 for x in r["runs"])
-            assert r["min"] <= r["median"] <= r["max"]
+            assert len(r["runs"]) == 3 and all(x > 0 for x in r["runs"])
+            # the summary is of these runs (a mean called median, or the first run called min, fails)
+            assert (r["min"], r["median"], r["max"]) == (min(r["runs"]), statistics.median(r["runs"]), max(r["runs"]))
 
 
 def test_compare_harness_smoke(tmp_path):
@@ -750,11 +808,6 @@ def test_offline_demo_does_not_learn_with_the_advantage_sign_flipped(tmp_path, m
     monkeypatch.setattr(sdpg, "group_advantages", lambda r, g, eps=1e-6: -real(r, g, eps))
     first, last = _demo(tmp_path, ["--steps", "100", "--eval-every", "0", "--eval-n", "10"])
     assert last <= first + 0.05, (first, last)
-
-
-def test_bad_input_is_refused():
-    with pytest.raises(SystemExit, match="group-size must be >= 2"):
-        sdpg.main(["--model", "tiny", "--group-size", "1"])
 
 
 # -----------------------------------------------------------------------------
@@ -1039,7 +1092,7 @@ def test_released_configuration_runs_and_splits_over_micro_batches(tmp_path):
     sdpg.main(run + ["--micro-batch", "8", "--eval-samples", "2", "--output-dir", str(tmp_path / "b")])
     a, b = _rows(tmp_path / "a" / "metrics.jsonl"), _rows(tmp_path / "b" / "metrics.jsonl")
     assert "eval_mean_at_k" not in a[0] and all(0 <= r.pop("eval_mean_at_k") <= 1 for r in b)
-    for x, y in zip(_comparable(a), _comparable(b)):
+    for x, y in zip(_comparable(a), _comparable(b), strict=True):
         assert x == pytest.approx(y, rel=1e-5, abs=1e-7)
     assert -2 <= a[1]["reward_mean"] <= 1 and a[1]["kl_distill"] > 0
     final = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "final").state_dict() for run in "ab"]
@@ -1047,6 +1100,137 @@ def test_released_configuration_runs_and_splits_over_micro_batches(tmp_path):
         torch.testing.assert_close(weight, final[1][name], rtol=1e-4, atol=1e-6)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (config["gate"], config["loss_agg"], config["overlong_buffer"]) == (False, "token-mean", 1)
+
+
+# -----------------------------------------------------------------------------
+# Several updates per batch (issue 17): each optimiser step against a computation from scratch
+
+
+def _updates_with_a_spy(lr_warmup=1):
+    """policy_update with 2 updates of 4 answers each, in micro-batches of 3 and 1, on fixed
+    advantages; returns what each optimiser step saw (the weights it started from and its gradient),
+    the metrics, and the pieces to redo each update from scratch."""
+    tok = sdpg.build_char_tokenizer()
+    model = sdpg.build_tiny_model(tok, seed=4)
+    args = sdpg.parse_args(["--model", "tiny", "--batch-prompts", "4", "--group-size", "2", "--updates-per-batch", "2",
+                            "--micro-batch", "3", "--beta", "0.5", "--alpha", "0.1", "--max-new-tokens", "5",
+                            "--temperature", "1.5", "--max-grad-norm", "1e9", "--lr-warmup", str(lr_warmup)])
+    ref = sdpg.frozen_copy(model, torch.float32)
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    rb = sdpg.collect_rollouts(model, tok, sdpg.toy_examples(4, seed=1), args, "", sdpg.stop_token_ids(model, tok),
+                               cpu, False)
+    rb.advantages = sdpg.group_advantages(torch.tensor([1.0, 0, 0, 1, 1, 0, 0.5, 0]), 2)
+    optimizer, scheduler = sdpg.build_optimizer(model, args)
+    seen = []
+
+    def spy(optimizer, args, kwargs):
+        seen.append(dict(weights={n: t.clone() for n, t in model.state_dict().items()},
+                         grads={n: p.grad.clone() for n, p in model.named_parameters()},
+                         lr=optimizer.param_groups[0]["lr"]))
+
+    optimizer.register_step_pre_hook(spy)
+    sums = sdpg.policy_update(model, ref, optimizer, scheduler, rb, 0.5, args, cpu, False)
+    return seen, sums, (model, ref, rb, args, cpu)
+
+
+def _rollout_logp(weights, parts):
+    """The rollout policy's log-probs of all 8 answers: the weights before the batch's first update."""
+    model, _, rb, args, cpu = parts
+    first = sdpg.frozen_copy(model, torch.float32)
+    first.load_state_dict(weights)
+    with torch.no_grad():
+        return sdpg.score(first, None, rb, slice(0, 8), False, args, cpu, False).logp
+
+
+def _update_from_scratch(weights, rows, old_logp, parts):
+    """One update's loss, gradient and token-averaged metrics, all its answers in one forward pass
+    at the given weights, with fresh gradients."""
+    model, ref, rb, args, cpu = parts
+    model = sdpg.frozen_copy(model, torch.float32)
+    model.load_state_dict(weights)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+    logp, kl, ref_logp, entropy = sdpg.score(model, ref, rb, rows, True, args, cpu, False)
+    w = sdpg.token_weights(rb.response_mask[rows], 2)
+    loss = sdpg.sdpg_loss(logp, old_logp[rows], kl, ref_logp, rb.advantages[rows], w, 0.5, 0.1, "urkl")
+    loss.backward()
+    log_w = (logp - ref_logp).detach()
+    metrics = dict(loss=loss.item(), kl_distill=(w * kl).sum().item(), entropy=(w * entropy).sum().item(),
+                   kl_ref=(w * (torch.exp(-log_w) - 1 + log_w)).sum().item())
+    return {n: p.grad for n, p in model.named_parameters()}, metrics
+
+
+def test_each_optimiser_step_sees_only_its_own_micro_batches():
+    """Guards against gradients cleared once per batch instead of once per optimiser step (the second
+    update would carry the first one's gradient), and against clearing them per micro-batch (a step
+    would see only its last micro-batch): each step's gradient must equal that of its own 4 answers
+    computed from scratch at the weights the step started from."""
+    seen, _, parts = _updates_with_a_spy()
+    assert len(seen) == 2
+    old_logp = _rollout_logp(seen[0]["weights"], parts)
+    for u, step in enumerate(seen):
+        grads, _ = _update_from_scratch(step["weights"], slice(4 * u, 4 * u + 4), old_logp, parts)
+        for name, g in grads.items():
+            torch.testing.assert_close(step["grads"][name], g, rtol=1e-4, atol=1e-7, msg=f"update {u}: {name}")
+
+
+def test_metrics_with_several_updates_are_means_over_the_updates():
+    """Guards against the loss (or another metric) summed over updates instead of averaged, or taken
+    from the last update only: with 2 updates, each metric must be the mean of the two updates'
+    values computed from scratch, and grad_norm the mean of the two gradients' norms."""
+    seen, sums, parts = _updates_with_a_spy()
+    old_logp = _rollout_logp(seen[0]["weights"], parts)
+    per_update = [_update_from_scratch(step["weights"], slice(4 * u, 4 * u + 4), old_logp, parts)[1]
+                  for u, step in enumerate(seen)]
+    assert per_update[0]["loss"] != pytest.approx(per_update[1]["loss"], rel=1e-2)  # a mean, not either one
+    for key in ("loss", "kl_distill", "kl_ref", "entropy"):
+        assert sums[key] == pytest.approx(statistics.mean(m[key] for m in per_update), rel=1e-4, abs=1e-7), key
+    norms = [torch.cat([g.flatten() for g in step["grads"].values()]).norm().item() for step in seen]
+    assert sums["grad_norm"] == pytest.approx(statistics.mean(norms), rel=1e-4)
+    assert sums["skipped_updates"] == 0
+
+
+def test_a_skipped_update_leaves_no_gradient_to_the_next():
+    """Guards against gradients cleared only after a successful step: when the first update's loss is
+    NaN, that update is skipped, and the second must see only its own answers' gradient at the
+    initial weights, with the warm-up's first rate (a skipped update does not count)."""
+    real, calls = sdpg.sdpg_loss, []
+
+    def nan_in_the_first_update(*a, **k):
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) <= 2 else 1.0)  # update 1 = micro-batches 1, 2
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sdpg, "sdpg_loss", nan_in_the_first_update)
+        seen, sums, parts = _updates_with_a_spy(lr_warmup=4)
+    assert len(seen) == 1 and sums["skipped_updates"] == 1 and seen[0]["lr"] == pytest.approx(3e-3 / 4)
+    old_logp = _rollout_logp(seen[0]["weights"], parts)
+    grads, _ = _update_from_scratch(seen[0]["weights"], slice(4, 8), old_logp, parts)
+    for name, g in grads.items():
+        torch.testing.assert_close(seen[0]["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("warmup", [1, 4])
+def test_learning_rate_warm_up_reaches_the_full_rate_at_optimiser_step_warmup(warmup):
+    """Guards against an off-by-one in the warm-up: the first optimiser step at lr 0 (it would be
+    wasted), or the full rate reached a step early or late. --lr-warmup W means the k-th optimiser
+    step uses lr * min(1, k / W), so step 1 uses lr / W and step W the full lr; W = 1 is no warm-up."""
+    args = sdpg.parse_args(["--model", "tiny", "--lr", "0.5", "--lr-warmup", str(warmup)])
+    layer = torch.nn.Linear(2, 1)
+    optimizer, scheduler = sdpg.build_optimizer(layer, args)
+    used = []
+    optimizer.register_step_pre_hook(lambda opt, a, k: used.append(opt.param_groups[0]["lr"]))
+    for _ in range(warmup + 2):
+        layer(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    assert used == pytest.approx([0.5 * min(1, k / warmup) for k in range(1, warmup + 3)], rel=1e-12)
+    # the trainer's own loop: with 2 updates per batch the warm-up counts optimiser steps, not batches
+    seen, _, _ = _updates_with_a_spy(lr_warmup=4)
+    assert [step["lr"] for step in seen] == pytest.approx([3e-3 / 4, 3e-3 * 2 / 4], rel=1e-12)
 
 
 # -----------------------------------------------------------------------------
@@ -1255,6 +1439,20 @@ def test_gsm8k_gold(field, gold):
     assert gsm8k_gold(field) == gold
 
 
+CORRECTED = "5 + 1 = 6\n#### 5\nWait, that is wrong: 5 + 2 = <<5+2=7>>7.\n#### 7"
+
+
+def test_the_last_hashes_count_in_the_completion_and_in_the_gold():
+    """Guards against the first '####' taken instead of the last: an answer that writes a wrong
+    '#### 5', then corrects itself to '#### 7', is scored on 7, and a gold field written the same way
+    gives 7 as the answer and, to the teacher, the solution up to the last '####'."""
+    assert extract_answer(CORRECTED) == "7" and extract_answer(CORRECTED + "\nThat is all.") == "7"
+    assert math_reward(CORRECTED, "7") == 1.0 and math_reward(CORRECTED, "5") == 0.0
+    assert gsm8k_gold(CORRECTED) == "7"
+    row = sdpg.normalise_row({"question": "q", "answer": CORRECTED}, "row 0")
+    assert row["answer"] == "7" and row["solution"] == "5 + 1 = 6\n#### 5\nWait, that is wrong: 5 + 2 = 7."
+
+
 @pytest.mark.parametrize("bad", [None, 5, 5.0, b"5", ["5"], {"a": 1}])
 def test_non_string_input(bad):
     assert extract_answer(bad) is None
@@ -1301,13 +1499,18 @@ def test_degenerate_completion_is_fast(text):
 
 
 @pytest.mark.parametrize(
-    "answer",
-    ["9" * 990 + ",5", "\\text{" * 160, "(" * 500 + ")" * 500, "1," * 500, "((" * 250, "1e" + "9" * 990],
+    "answer,equal",
+    [("9" * 990 + ",5", True), ("\\text{" * 160, False), ("(" * 500 + ")" * 500, True), ("1," * 500, True),
+     ("((" * 250, True), ("1e" + "9" * 990, True)],
 )
-def test_worst_case_answer_within_cap_is_fast(answer):
+def test_worst_case_answer_within_cap_is_fast(answer, equal):
+    """Long answers just within the length cap are compared, and quickly. Guards against a slow
+    comparison and against one made fast by giving up: each answer must still equal itself (the
+    unbalanced \\text{ one is junk, equal to nothing)."""
     start = time.perf_counter()
-    is_equiv(answer, answer)
+    result = is_equiv(answer, answer)
     assert time.perf_counter() - start < 1.0
+    assert result is equal
 
 
 # --- security: model output is never evaluated -----------------------------------
@@ -1397,10 +1600,61 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert [r["step"] for r in resumed] == list(range(13))
     # same data, same RNG states, same weights and optimiser: the same run (on CPU, bit for bit
     # up to the float rounding of summing metrics)
-    for a, b in zip(_comparable(resumed), _comparable(straight)):
+    for a, b in zip(_comparable(resumed), _comparable(straight), strict=True):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+
+
+class _HardKill(BaseException):
+    """Stands for SIGKILL or a power cut: no handler catches it, no checkpoint is saved on the way out."""
+
+
+def _killed_at(monkeypatch, step):
+    """Makes the run die as it starts training step `step` (rows of the steps before it are on disk)."""
+    real, calls = sdpg.collect_rollouts, []
+
+    def collect(*a, **k):
+        calls.append(1)
+        if len(calls) == step:
+            raise _HardKill
+        return real(*a, **k)
+
+    monkeypatch.setattr(sdpg, "collect_rollouts", collect)
+
+
+KILL_RUN = ["--model", "tiny", "--steps", "4", "--batch-prompts", "2", "--group-size", "2", "--eval-every", "0",
+            "--eval-n", "2", "--save-every", "2", "--beta-warmup", "0", "--beta-decay", "0"]
+
+
+@pytest.fixture(scope="module")
+def never_killed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    sdpg.main(KILL_RUN + ["--output-dir", str(out)])
+    return _comparable(_rows(out / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("killed_at", [4, 2])
+def test_hard_kill_between_checkpoints_then_resume_logs_each_step_once(killed_at, never_killed, tmp_path,
+                                                                       monkeypatch):
+    """Guards against a resumed run logging steps twice: the rows written after the last checkpoint
+    (step 3 when killed at 4, after checkpoint-2), or the step-0 evaluation when the run died before
+    its first checkpoint and --resume starts from scratch; and against a half-written last line
+    (the kill came during a write) making --resume fail."""
+    out, metrics = tmp_path / "killed", tmp_path / "killed" / "metrics.jsonl"
+    with monkeypatch.context() as m:
+        _killed_at(m, killed_at)
+        with pytest.raises(_HardKill):
+            sdpg.main(KILL_RUN + ["--output-dir", str(out)])
+    assert [r["step"] for r in _rows(metrics)] == list(range(killed_at))
+    assert [os.path.basename(p) for p in sdpg.checkpoints(str(out))] == (["checkpoint-2"] if killed_at > 2 else [])
+    with open(metrics, "a") as f:
+        f.write('{"step": %d, "reward_me' % killed_at)  # cut off mid-row, no newline
+    sdpg.main(KILL_RUN + ["--output-dir", str(out), "--resume"])
+    resumed = _comparable(_rows(metrics))
+    assert [r["step"] for r in resumed] == list(range(5))
+    for a, b in zip(resumed, never_killed, strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), a["step"]
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, tiny, monkeypatch):
@@ -1534,9 +1788,9 @@ def test_bf16_sampler_follows_the_policy():
         for p in model.parameters():
             p.add_(0.5)
     sdpg.refresh_sampler(sampler, model)
-    for a, b in zip(sampler.state_dict().values(), model.state_dict().values()):
+    for a, b in zip(sampler.state_dict().values(), model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b.to(torch.bfloat16))
     # buffers (RoPE's inverse frequencies) stay float32: in bf16 the copy would be another model
-    for (name, a), (_, b) in zip(sampler.named_buffers(), model.named_buffers()):
+    for (name, a), (_, b) in zip(sampler.named_buffers(), model.named_buffers(), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert sdpg.make_sampler(model, bf16=False) is model
