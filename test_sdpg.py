@@ -1351,6 +1351,44 @@ def test_fuzz_never_raises():
             assert is_equiv(answer, answer) in (True, False)
 
 
+# --- answers a policy could game: each class refused, its honest forms still accepted ---------
+
+EQUATION_GOLDS = ["x^2 - 4x - 2 = 0", "2x + z = 1", "7 = 11a + c", "3y - 2 = 0", "a + b = 0"]
+
+
+@pytest.mark.parametrize("gold", EQUATION_GOLDS)
+def test_equation_gold_is_not_cut_to_its_right_side(gold):
+    """Guards against reducing 'expression = 0' to '0': a bare constant would score on every such gold."""
+    rhs = gold.rsplit("=", 1)[1].strip()
+    assert math_reward(rf"\boxed{{{rhs}}}", gold) == 0.0
+    assert math_reward(rf"so \boxed{{{gold}}}", gold) == 1.0  # the whole equation still matches itself
+
+
+@pytest.mark.parametrize("pred,gold", [("5", "x = 5"), ("5", "y = x = 5"), ("3", "f(x) = 3"), ("7", "a_3 = 7"),
+                                       ("4", r"\text{r} = 4"), ("(1, 2)", "(x, y) = (1, 2)"),
+                                       ("[-2, 7]", r"x \in [-2, 7]"), ("9", r"\theta = 9")])
+def test_label_on_the_left_is_dropped(pred, gold):
+    """Guards against the opposite mistake: a gold 'x = 5' (a label, then the value) must accept 5."""
+    assert is_equiv(pred, gold) and is_equiv(gold, pred)
+
+
+@pytest.mark.parametrize("pred,gold,same", [
+    ("5125", "5, 125", False), ("125, 5", "5, 125", True), ("5,125", "5125", True), ("0,111", "111", False),
+    ("32, 349", "32349", False), ("1,0000", "10000", False), ("12,345,678", "12345678", True),
+    ("14{,}916", "14916", True), ("14 { , } 916", "14916", True), ("0{,}111", "111", False),
+])
+def test_comma_is_a_thousands_separator_only_in_groups_of_three(pred, gold, same):
+    """Guards against reading a list as one number: '5, 125' is two answers, '1,000' one."""
+    assert is_equiv(pred, gold) is same and is_equiv(gold, pred) is same
+
+
+@pytest.mark.parametrize("text,expected", [("AZYUK2A", None), ("x2y", None), ("area 25cm", None),
+                                           ("the code AB12 is 7", "7"), ("it is 12.", "12"), ("(3)", "3")])
+def test_last_number_must_stand_on_its_own(text, expected):
+    """Guards against digits glued to letters being read as the answer ('AZYUK2A' -> 2)."""
+    assert extract_answer(text) == expected
+
+
 # -----------------------------------------------------------------------------
 # Reliability: interrupt and resume, atomic checkpoints, NaN guard, clear errors
 

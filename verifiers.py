@@ -65,7 +65,7 @@ _ANSWER_PHRASE = re.compile(r"answer is(?![a-z'])|answer:", re.IGNORECASE)
 _NUMBER_CHARS = frozenset("0123456789,./")
 # A number at the very end of a short string: optional thousands groups,
 # decimals and one '/'. Only ever run on at most _MAX_ANSWER_CHARS characters.
-_INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
+_INT = r"(?:[1-9]\d{0,2}(?:,\d{3})+|\d+)"  # thousands groups only after a non-zero lead
 _TRAILING_NUMBER = re.compile(rf"{_INT}(?:\.\d+)?(?:/{_INT}(?:\.\d+)?)?$|\.\d+$")
 
 
@@ -129,11 +129,19 @@ def _after_phrase(text: str) -> str | None:
     return rest.strip() or None
 
 
+_NUMBER_RUN = re.compile(r"[0-9][0-9,./]*")
+
+
 def _last_number(text: str) -> str | None:
-    end = max(text.rfind(d) for d in "0123456789") + 1
+    """The last number that stands on its own: 'AZYUK2A' holds none, '5cm' neither."""
+    end = 0
+    for run in _NUMBER_RUN.finditer(text):  # one linear pass; keep the last free-standing run
+        start, stop = run.start(), run.start() + len(run.group().rstrip(",./"))
+        if (start == 0 or not text[start - 1].isalnum()) and (stop == len(text) or not text[stop].isalnum()):
+            begin, end = start, stop
     if end == 0:
         return None
-    start = end
+    start = begin
     while start > 0 and text[start - 1] in _NUMBER_CHARS:
         start -= 1
     if end - start > _MAX_ANSWER_CHARS:  # a wall of digits is not an answer
@@ -169,11 +177,12 @@ def extract_answer(text: str) -> str | None:
 
 _UNWRAP = re.compile(r"\\(?:text|textbf|textit|textnormal|textrm|mathrm|mathbf|mathit|mbox|operatorname|boxed|fbox)\s*\{")
 _LEFT_RIGHT = re.compile(r"\\(?:left|right|displaystyle)(?![A-Za-z])")
+_BRACED_COMMA = re.compile(r"\s*\{\s*,\s*\}\s*")
 _DIGIT_SPACE_DIGIT = re.compile(r"(?<=\d) +(?=\d)")
 # (literal, replacement), applied in order
 _REPLACEMENTS = (
     ("\u2212", "-"), ("\u00a0", " "), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
-    ("{,}", ""), ("\\,", " "), ("\\!", ""), ("\\;", " "), ("\\:", " "), ("\\ ", " "),
+    ("\\,", " "), ("\\!", ""), ("\\;", " "), ("\\:", " "), ("\\ ", " "),
     ("~", " "), ("\\qquad", " "), ("\\quad", " "),
     ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\\degree", ""), ("\u00b0", ""),
     ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""), ("\u20ac", ""), ("\u00a3", ""),
@@ -200,7 +209,7 @@ def _unwrap_text_commands(s: str) -> str:
 def _normalize(s: str) -> str:
     if len(s) > _MAX_ANSWER_CHARS:
         return ""
-    s = _unwrap_text_commands(s)
+    s = _BRACED_COMMA.sub(",", _unwrap_text_commands(s))  # '14{,}916', '14 { , } 916' -> '14,916'
     s = _LEFT_RIGHT.sub("", s)
     for old, new in _REPLACEMENTS:
         s = s.replace(old, new)
@@ -264,6 +273,8 @@ def _number_with_units(s: str) -> Fraction | None:
     words = s.split(" ")
     while len(words) > 1 and _is_unit(words[-1]):
         words.pop()
+    if any(word.startswith(",") or word.endswith(",") for word in words[:-1]):
+        return None  # '32, 349' is a list of two numbers, not 32349
     return _number("".join(words))
 
 
@@ -299,15 +310,32 @@ def _encloses(s: str) -> bool:
     return False
 
 
+# one name on the left of '=' or '\in': x, a_3, x_{12}, f(x), \theta, or r after \text{r} was unwrapped
+_LABEL = re.compile(r"(?:[A-Za-z]|\\[A-Za-z]+)(?:_(?:\w|\{\w+\}))?(?:\([A-Za-z, ]*\))?")
+
+
+def _is_label(s: str) -> bool:
+    """'x', 'f(x)', '(x, y)': a name for the answer, never an expression that has a value of its own."""
+    if s[:1] == "(" and _encloses(s):
+        parts = _split_top_level(s[1:-1])
+        return parts is not None and all(_LABEL.fullmatch(part) for part in parts)
+    return _LABEL.fullmatch(s) is not None
+
+
 def _rhs(s: str) -> str:
-    """'x = 5' -> '5'; a comparison (<=, >=, !=) or 'a=1, b=2' stays whole."""
-    i = s.rfind("=")
-    if i == -1 or s[i - 1 : i] in ("<", ">", "!"):
-        return s
-    lhs = s[:i].strip()
-    if "," in lhs and not (lhs[:1] == "(" and _encloses(lhs)):
-        return s
-    return s[i + 1 :].strip()
+    """'x = 5' -> '5', 'y = x = 5' -> '5', 'x \\in [0, 1]' -> '[0, 1]'.
+
+    Only a label is cut off: 'x^2 - 4x = 0' and '7 = 11a + c' stay whole (their sides are
+    not answers), and so do comparisons (<=, >=, !=) and 'a=1, b=2'.
+    """
+    while True:
+        m = _EQUALS.search(s)
+        if m is None or not _is_label(s[: m.start()].strip()):
+            return s
+        s = s[m.end() :].strip()
+
+
+_EQUALS = re.compile(r"(?<![<>!])=|\\in(?![A-Za-z])")
 
 
 _Value = Fraction | str | tuple  # a number, a normalised string, or (open, close, items)
