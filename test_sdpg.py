@@ -1389,6 +1389,90 @@ def test_last_number_must_stand_on_its_own(text, expected):
     assert extract_answer(text) == expected
 
 
+# --- answer forms models write, accepted; their near misses refused ---------------------------
+
+@pytest.mark.parametrize("pred,gold,same", [
+    (r"\cfrac{3}{4}", "0.75", True), (r"\dfrac34", "3/4", True), (r"1+\frac12", "3/2", True),
+    (r"\frac3{4}", "0.75", True), (r"\frac1{72}", "1/72", True), (r"\frac{1}2", "0.5", True), (r"\frac12", "12", False),
+    ("1; 3", "1, 3", True), ("1 and 3", "3, 1", True), ("-1 or 4", "4, -1", True), ("1 and 3", "1, 3, 5", False),
+    (r"\{1, 3\}", "1, 3", True), (r"\{1, 3\}", "1, 4", False), (r"\pm 2", "2, -2", True), (r"\pm 2", "2", False),
+    (r"1 \pm \sqrt{2}", r"1 - \sqrt{2}, 1 + \sqrt{2}", True), (r"x \in [-2, 7]", "[-2, 7]", True),
+    (r"x \in [-2, 7]", "(-2, 7)", False),
+])
+def test_answer_forms_models_write(pred, gold, same):
+    """Guards against rejecting right answers in other spellings (and against the spellings matching wrong golds)."""
+    assert is_equiv(pred, gold) is same and is_equiv(gold, pred) is same
+
+
+@pytest.mark.parametrize("completion,gold,reward", [
+    ("Final Answer: The largest $n$ is 34.", "34", 1.0),
+    ("The final answer is: the number of pairs $k$ equals 12.", "12", 1.0),
+    ("The final answer is 1 million.", "1", 0.0),  # the only number does not end the sentence
+    ("The answer is 3 i.", "3", 0.0),
+    (r"So the ratio is $\frac{10}{9}$.", "10/9", 1.0),
+    (r"So the ratio is $\frac{10}{9}$.", "9", 0.0),
+    ("The meeting point is $(7, 6)$", "(7, 6)", 1.0),
+    ("It costs $5 and $6 in all", "6", 1.0),
+    ("3 + 2 = 5 pens.\n#### 5\n\nQuestion: Ann has 4 cats and gets 3 more.\nAnswer: 7\n#### 7", "5", 1.0),
+    ("3 + 2 = 5 pens.\n#### 5\n\nQuestion: Ann has 4 cats and gets 3 more.\nAnswer: 7\n#### 7", "7", 0.0),
+    (r"The roots are $\boxed{-2}$ and $\boxed{1}$.", "1, -2", 1.0),
+    (r"The roots are $\boxed{-2}$ and $\boxed{1}$.", "1", 1.0),  # the last box alone, as ever
+    (r"Try \boxed{5}, then \boxed{-2} and \boxed{1}.", "5, 1", 0.0),  # only the last n boxes, together
+    (r"\boxed{1}", "1, -2", 0.0),
+])
+def test_extraction_of_forms_models_write(completion, gold, reward):
+    """Guards against the phrase, '$...$', run-on 'Question:' and several-box rules (each both ways)."""
+    assert math_reward(completion, gold) == reward
+
+
+@pytest.mark.parametrize("pred,gold", [
+    (r"\sqrt3", r"\sqrt{3}"), (r"\sqrt{12}", r"2\sqrt{3}"), (r"\frac{\sqrt{3}}{3}", r"\frac{1}{\sqrt{3}}"),
+    (r"\pi/4", r"\frac{\pi}{4}"), ("3π", r"3\pi"), ("2^{40}", "1099511627776"), ("3x+2", "2+3x"),
+    (r"\sqrt{8}\cdot\sqrt{2}", "4"), (r"\frac{1}{1+\sqrt{2}}", r"\frac{1}{\sqrt{2}+1}"), ("(x+1)^2", "x^2+2x+1"),
+    (r"\frac{3\sqrt{2}}{4}\pi", r"\frac{3\pi\sqrt{2}}{4}"), ("-(2)", "-2"), ("2^{-1}", "0.5"),
+])
+def test_closed_forms_equal(pred, gold):
+    """Guards against the closed-form parser missing equal values written differently."""
+    assert is_equiv(pred, gold) and is_equiv(gold, pred)
+
+
+@pytest.mark.parametrize("pred,gold", [
+    (r"\sqrt{12}", r"3\sqrt{2}"), (r"\pi/4", r"\pi/3"), ("3x+2", "3y+2"), ("3x+2", "2x+3"), ("(x+1)^2", "x^2+1"),
+    ("2^{40}", "1099511627775"), (r"\sqrt{2}", "1.41421356237309504880168872420969807856967187537694"),
+    ("2^10", "1024"), ("2^{99999}", r"2\cdot 2^{99998}"), (r"\sin x", r"\cos x"), (r"\log(8)", r"2\log(4)"),
+    ("x" + "+x" * 150, "151x"), ("(" * 40 + "1" + ")" * 40, "2"), (r"\sqrt{2}", r"\sqrt{3}"), ("3i", "3"),
+])
+def test_closed_forms_refused(pred, gold):
+    """Guards against accepting different values, decimals passed off as surds, and forms over the limits."""
+    assert not is_equiv(pred, gold) and not is_equiv(gold, pred)
+
+
+def test_closed_form_limits_are_fast():
+    """Guards against a parser that a long, deep or high-power expression can stall."""
+    for text in ["(" * 5000 + "1" + ")" * 5000, r"\sqrt{" * 300 + "2" + "}" * 300, "(1+x)^{64}" * 3,
+                 r"(1+\sqrt{2}+\sqrt{3}+\sqrt{5}+\sqrt{7})^{9}", "9" * 150 + "^{64}", "x" * 199]:
+        start = time.perf_counter()
+        assert math_reward(rf"\boxed{{{text}}}", "1") in (0.0, 1.0)
+        assert time.perf_counter() - start < 1.0, text[:30]
+
+
+def test_every_gsm8k_train_solution_scores_1_plain_and_boxed():
+    """Guards against a verifier rule that rejects the answers GSM8K's own reference solutions give."""
+    path = os.path.join(GSM8K_DIR, "train.jsonl")
+    if not os.path.isfile(path):
+        pytest.skip("GSM8K's published files are not at ../shared/data/gsm8k (they are not part of the repository)")
+    rows = [json.loads(line) for line in open(path)]
+    assert len(rows) == 7473
+    bad = []
+    for row in rows:
+        gold = gsm8k_gold(row["answer"])
+        body = row["answer"].rsplit("####", 1)[0]
+        boxed = body + rf"So the answer is $\boxed{{{row['answer'].rsplit('####', 1)[1].strip()}}}$."
+        if math_reward(row["answer"], gold) != 1.0 or math_reward(boxed, gold) != 1.0:
+            bad.append(row["answer"][-60:])
+    assert not bad, bad[:5]
+
+
 # -----------------------------------------------------------------------------
 # Reliability: interrupt and resume, atomic checkpoints, NaN guard, clear errors
 
