@@ -1441,6 +1441,7 @@ def test_closed_forms_equal(pred, gold):
     ("2^{40}", "1099511627775"), (r"\sqrt{2}", "1.41421356237309504880168872420969807856967187537694"),
     ("2^10", "1024"), ("2^{99999}", r"2\cdot 2^{99998}"), (r"\sin x", r"\cos x"), (r"\log(8)", r"2\log(4)"),
     ("x" + "+x" * 150, "151x"), ("(" * 40 + "1" + ")" * 40, "2"), (r"\sqrt{2}", r"\sqrt{3}"), ("3i", "3"),
+    ("x2", "2x"), (r"\pi 2", r"2\pi"), ("(" * 40 + "1" + ")" * 40, "1"),  # no implicit product before a number; depth
 ])
 def test_closed_forms_refused(pred, gold):
     """Guards against accepting different values, decimals passed off as surds, and forms over the limits."""
