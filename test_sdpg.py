@@ -1442,6 +1442,7 @@ def test_closed_forms_equal(pred, gold):
     ("2^10", "1024"), ("2^{99999}", r"2\cdot 2^{99998}"), (r"\sin x", r"\cos x"), (r"\log(8)", r"2\log(4)"),
     ("x" + "+x" * 150, "151x"), ("(" * 40 + "1" + ")" * 40, "2"), (r"\sqrt{2}", r"\sqrt{3}"), ("3i", "3"),
     ("x2", "2x"), (r"\pi 2", r"2\pi"), ("(" * 40 + "1" + ")" * 40, "1"),  # no implicit product before a number; depth
+    (r"\frac{1}{1+\sqrt{2}}", r"\frac{1}{1.000000000000000000000000000000001+\sqrt{2}}"),  # agree to 30 digits
 ])
 def test_closed_forms_refused(pred, gold):
     """Guards against accepting different values, decimals passed off as surds, and forms over the limits."""
@@ -1451,7 +1452,8 @@ def test_closed_forms_refused(pred, gold):
 def test_closed_form_limits_are_fast():
     """Guards against a parser that a long, deep or high-power expression can stall."""
     for text in ["(" * 5000 + "1" + ")" * 5000, r"\sqrt{" * 300 + "2" + "}" * 300, "(1+x)^{64}" * 3,
-                 r"(1+\sqrt{2}+\sqrt{3}+\sqrt{5}+\sqrt{7})^{9}", "9" * 150 + "^{64}", "x" * 199]:
+                 r"(1+\sqrt{2}+\sqrt{3}+\sqrt{5}+\sqrt{7})^{9}", "9" * 150 + "^{64}", "x" * 199,
+                 "1^{99999999}"]:
         start = time.perf_counter()
         assert math_reward(rf"\boxed{{{text}}}", "1") in (0.0, 1.0)
         assert time.perf_counter() - start < 1.0, text[:30]
