@@ -8,38 +8,58 @@ conservative: when in doubt, an answer does *not* match.
 Public functions: extract_answer(text), is_equiv(pred, gold),
 math_reward(completion, gold) -> 1.0 or 0.0, and gsm8k_gold(answer_field).
 
-Extraction order (first rule that finds something wins):
+Extraction order (first rule that finds something wins). A completion that runs on into a
+"Question:" (or "Problem:", "Q:") line of its own is first cut there.
     1. the last complete ``\boxed{...}`` or ``\fbox{...}`` (balanced braces;
        ``\{`` and ``\}`` are literal braces; empty boxes and a box whose
        closing brace never comes are skipped);
     2. the last GSM8K ``#### X`` (X is the rest of that line);
     3. the last ``answer is X`` or ``answer: X`` (case-insensitive, so "The
-       final answer is X" counts); X runs to the end of the sentence or line;
-    4. the last number (sign, thousands separators, decimals, ``a/b``).
-Pass the *completion only*: given the prompt as well, rules 2-4 could pick up
+       final answer is X" counts); X runs to the end of the sentence or line.
+       When X's only number ends it and its ``$...$`` hold no digits, that
+       number is taken ("The largest $n$ is 34." -> 34); else X whole;
+    4. the last ``$...$`` when the last number lies inside it (``$\frac{10}{9}$``);
+    5. the last number that stands on its own (no letter or digit touching it:
+       ``AZYUK2A`` and ``25cm`` hold none), with sign, decimals and ``a/b``.
+Pass the *completion only*: given the prompt as well, rules 2-5 could pick up
 the prompt's own example answer.
+Several boxes: the last box alone is the answer; when the gold is a list of n
+items, the last n boxes together may also match it (``\boxed{-2} and \boxed{1}``).
 
-Equivalence policy
-    * Numbers are exact rationals (``fractions.Fraction``) and compared exactly,
-      with no tolerance: ``0.5 == 1/2 == \frac{1}{2}`` but ``0.333 != 1/3``, and
-      30-digit integers are exact. Every form understood here (decimals,
-      fractions, ``1e3``, ``1.5\times10^{3}``) is an exact rational, so no
-      float ever enters; a rounded decimal is a different number.
-    * Percent: the sign is dropped, so ``50% == 50`` and ``0.5 != 50%``.
-    * Units, currency and degrees are dropped: ``$18``, ``18 dollars``,
-      ``5\text{ cm}``, ``90^\circ``. A unit is a trailing alphabetic word after
-      a number, except scale words ("million", ...) and the imaginary ``i``.
-    * ``x = 5`` is compared by its right-hand side.
-    * ``(1, 2)`` and ``[1, 2)`` are ordered tuples/intervals: brackets must
-      match and elements are compared one by one. Inside brackets commas
-      always separate elements; a bare ``1,000`` (groups of exactly three
-      digits) is a thousands separator; any other bare comma list, such as
-      ``2, -3``, is a list of solutions compared as a multiset.
+Equivalence rules (P marks a policy choice; the rest is mathematics)
+    * Numbers are exact rationals (``fractions.Fraction``) compared exactly, with
+      no tolerance (P): ``0.5 == 1/2 == \frac{1}{2}`` but ``0.333 != 1/3``; big
+      integers are exact; ``1e3`` and ``1.5\times10^{3}`` are rationals too.
+    * A comma is a thousands separator only in an unbroken digit string with
+      groups of exactly three after a non-zero lead (``1,000``, ``14{,}916``);
+      anywhere else it separates items: ``5, 125`` and ``0,111`` are lists (P).
+    * Percent signs, currency, units and degrees are dropped (P): ``50% == 50``,
+      ``$18 == 18 dollars``, ``90^\circ == 90``; scale words ("million") and ``i``
+      are not units.
+    * An equation loses its left side only when that side is a label (``x``,
+      ``a_3``, ``f(x)``, ``\theta``, ``(x, y)``, ``\text{r}``); ``x \in S`` is S.
+      Otherwise the equation is compared whole, so ``0`` never matches
+      ``x^2 - 4x - 2 = 0`` (P). Comparisons (<=, >=, !=) stay whole.
+    * ``(1, 2)``, ``[1, 2)``: ordered tuples and intervals, brackets must match.
+      A bare list (commas, ``;``, ``and``, ``or``, ``\{1, 3\}``, ``a \pm b``) is
+      a multiset of answers: order does not matter, the count does (P).
+    * Closed forms are read by a small parser of this module (numbers, + - * / ^,
+      ``\frac`` also brace-less, ``\sqrt``, ``\pi``, implicit products, one-letter
+      variables and a few Greek names; no implicit product before a number).
+      Without variables the value is exact, a sum of rational x surd x pi^k
+      (``\sqrt{12} == 2\sqrt{3}``, ``2^{40}`` == its integer). With variables,
+      both sides are compared at three fixed rational points (``3x+2 == 2+3x``).
+      Only a division by a sum of surds falls back to 60-digit decimals kept to 30
+      significant digits, and never when a decimal point is written (P). It
+      refuses (no match) over 200 characters, depth 30, |power| 64, 4096-bit
+      numbers, radicands over 1e8, unknown commands (``\sin``, ``\log``) and
+      ``2^10`` (LaTeX reads 2^1 then 0) (P).
     * Anything else is compared as a normalised string: LaTeX spacing,
       ``\left``/``\right``, ``\text{}``/``\mathrm{}``, ``$`` and a trailing
       period removed, case-insensitive when only letters remain
       (``\text{B} == b``).
-    * An empty answer never matches anything, ``0`` included.
+    * An empty answer never matches anything, ``0`` included. Where in doubt,
+      no match: a false reward is worse than a missed one (P).
 
 Model output is untrusted: nothing here evaluates it (no eval, exec or
 sympy), answers longer than _MAX_ANSWER_CHARS never match, exponents are
