@@ -1334,6 +1334,7 @@ def test_module_never_evaluates_text():
 _FUZZ_TOKENS = list("0123456789{}\\()[],./-+$%=^ abxyz\n") + [
     "\\boxed", "\\fbox", "\\frac", "\\text", "\\left", "\\right", "\\times", "10^",
     "e9", "####", "answer is", "Answer:", "\u2212", "{,}", "\\,", "\\infty",
+    "\\sqrt", "\\pi", "\\pm", "\\in", "\\cdot", ";", " and ", "\nQuestion:", "$", "\\{", "\\}", "x^",
 ]
 
 
