@@ -1548,6 +1548,7 @@ def test_module_never_evaluates_text():
 _FUZZ_TOKENS = list("0123456789{}\\()[],./-+$%=^ abxyz\n") + [
     "\\boxed", "\\fbox", "\\frac", "\\text", "\\left", "\\right", "\\times", "10^",
     "e9", "####", "answer is", "Answer:", "\u2212", "{,}", "\\,", "\\infty",
+    "\\sqrt", "\\pi", "\\pm", "\\in", "\\cdot", ";", " and ", "\nQuestion:", "$", "\\{", "\\}", "x^",
 ]
 
 
@@ -1563,6 +1564,131 @@ def test_fuzz_never_raises():
         assert isinstance(gsm8k_gold(text), str)
         if answer is not None:
             assert is_equiv(answer, answer) in (True, False)
+
+
+# --- answers a policy could game: each class refused, its honest forms still accepted ---------
+
+EQUATION_GOLDS = ["x^2 - 4x - 2 = 0", "2x + z = 1", "7 = 11a + c", "3y - 2 = 0", "a + b = 0"]
+
+
+@pytest.mark.parametrize("gold", EQUATION_GOLDS)
+def test_equation_gold_is_not_cut_to_its_right_side(gold):
+    """Guards against reducing 'expression = 0' to '0': a bare constant would score on every such gold."""
+    rhs = gold.rsplit("=", 1)[1].strip()
+    assert math_reward(rf"\boxed{{{rhs}}}", gold) == 0.0
+    assert math_reward(rf"so \boxed{{{gold}}}", gold) == 1.0  # the whole equation still matches itself
+
+
+@pytest.mark.parametrize("pred,gold", [("5", "x = 5"), ("5", "y = x = 5"), ("3", "f(x) = 3"), ("7", "a_3 = 7"),
+                                       ("4", r"\text{r} = 4"), ("(1, 2)", "(x, y) = (1, 2)"),
+                                       ("[-2, 7]", r"x \in [-2, 7]"), ("9", r"\theta = 9")])
+def test_label_on_the_left_is_dropped(pred, gold):
+    """Guards against the opposite mistake: a gold 'x = 5' (a label, then the value) must accept 5."""
+    assert is_equiv(pred, gold) and is_equiv(gold, pred)
+
+
+@pytest.mark.parametrize("pred,gold,same", [
+    ("5125", "5, 125", False), ("125, 5", "5, 125", True), ("5,125", "5125", True), ("0,111", "111", False),
+    ("32, 349", "32349", False), ("1,0000", "10000", False), ("12,345,678", "12345678", True),
+    ("14{,}916", "14916", True), ("14 { , } 916", "14916", True), ("0{,}111", "111", False),
+])
+def test_comma_is_a_thousands_separator_only_in_groups_of_three(pred, gold, same):
+    """Guards against reading a list as one number: '5, 125' is two answers, '1,000' one."""
+    assert is_equiv(pred, gold) is same and is_equiv(gold, pred) is same
+
+
+@pytest.mark.parametrize("text,expected", [("AZYUK2A", None), ("x2y", None), ("area 25cm", None),
+                                           ("the code AB12 is 7", "7"), ("it is 12.", "12"), ("(3)", "3")])
+def test_last_number_must_stand_on_its_own(text, expected):
+    """Guards against digits glued to letters being read as the answer ('AZYUK2A' -> 2)."""
+    assert extract_answer(text) == expected
+
+
+# --- answer forms models write, accepted; their near misses refused ---------------------------
+
+@pytest.mark.parametrize("pred,gold,same", [
+    (r"\cfrac{3}{4}", "0.75", True), (r"\dfrac34", "3/4", True), (r"1+\frac12", "3/2", True),
+    (r"\frac3{4}", "0.75", True), (r"\frac1{72}", "1/72", True), (r"\frac{1}2", "0.5", True), (r"\frac12", "12", False),
+    ("1; 3", "1, 3", True), ("1 and 3", "3, 1", True), ("-1 or 4", "4, -1", True), ("1 and 3", "1, 3, 5", False),
+    (r"\{1, 3\}", "1, 3", True), (r"\{1, 3\}", "1, 4", False), (r"\pm 2", "2, -2", True), (r"\pm 2", "2", False),
+    (r"1 \pm \sqrt{2}", r"1 - \sqrt{2}, 1 + \sqrt{2}", True), (r"x \in [-2, 7]", "[-2, 7]", True),
+    (r"x \in [-2, 7]", "(-2, 7)", False),
+])
+def test_answer_forms_models_write(pred, gold, same):
+    """Guards against rejecting right answers in other spellings (and against the spellings matching wrong golds)."""
+    assert is_equiv(pred, gold) is same and is_equiv(gold, pred) is same
+
+
+@pytest.mark.parametrize("completion,gold,reward", [
+    ("Final Answer: The largest $n$ is 34.", "34", 1.0),
+    ("The final answer is: the number of pairs $k$ equals 12.", "12", 1.0),
+    ("The final answer is 1 million.", "1", 0.0),  # the only number does not end the sentence
+    ("The answer is 3 i.", "3", 0.0),
+    (r"So the ratio is $\frac{10}{9}$.", "10/9", 1.0),
+    (r"So the ratio is $\frac{10}{9}$.", "9", 0.0),
+    ("The meeting point is $(7, 6)$", "(7, 6)", 1.0),
+    ("It costs $5 and $6 in all", "6", 1.0),
+    ("3 + 2 = 5 pens.\n#### 5\n\nQuestion: Ann has 4 cats and gets 3 more.\nAnswer: 7\n#### 7", "5", 1.0),
+    ("3 + 2 = 5 pens.\n#### 5\n\nQuestion: Ann has 4 cats and gets 3 more.\nAnswer: 7\n#### 7", "7", 0.0),
+    (r"The roots are $\boxed{-2}$ and $\boxed{1}$.", "1, -2", 1.0),
+    (r"The roots are $\boxed{-2}$ and $\boxed{1}$.", "1", 1.0),  # the last box alone, as ever
+    (r"Try \boxed{5}, then \boxed{-2} and \boxed{1}.", "5, 1", 0.0),  # only the last n boxes, together
+    (r"\boxed{1}", "1, -2", 0.0),
+])
+def test_extraction_of_forms_models_write(completion, gold, reward):
+    """Guards against the phrase, '$...$', run-on 'Question:' and several-box rules (each both ways)."""
+    assert math_reward(completion, gold) == reward
+
+
+@pytest.mark.parametrize("pred,gold", [
+    (r"\sqrt3", r"\sqrt{3}"), (r"\sqrt{12}", r"2\sqrt{3}"), (r"\frac{\sqrt{3}}{3}", r"\frac{1}{\sqrt{3}}"),
+    (r"\pi/4", r"\frac{\pi}{4}"), ("3π", r"3\pi"), ("2^{40}", "1099511627776"), ("3x+2", "2+3x"),
+    (r"\sqrt{8}\cdot\sqrt{2}", "4"), (r"\frac{1}{1+\sqrt{2}}", r"\frac{1}{\sqrt{2}+1}"), ("(x+1)^2", "x^2+2x+1"),
+    (r"\frac{3\sqrt{2}}{4}\pi", r"\frac{3\pi\sqrt{2}}{4}"), ("-(2)", "-2"), ("2^{-1}", "0.5"),
+])
+def test_closed_forms_equal(pred, gold):
+    """Guards against the closed-form parser missing equal values written differently."""
+    assert is_equiv(pred, gold) and is_equiv(gold, pred)
+
+
+@pytest.mark.parametrize("pred,gold", [
+    (r"\sqrt{12}", r"3\sqrt{2}"), (r"\pi/4", r"\pi/3"), ("3x+2", "3y+2"), ("3x+2", "2x+3"), ("(x+1)^2", "x^2+1"),
+    ("2^{40}", "1099511627775"), (r"\sqrt{2}", "1.41421356237309504880168872420969807856967187537694"),
+    ("2^10", "1024"), ("2^{99999}", r"2\cdot 2^{99998}"), (r"\sin x", r"\cos x"), (r"\log(8)", r"2\log(4)"),
+    ("x" + "+x" * 150, "151x"), ("(" * 40 + "1" + ")" * 40, "2"), (r"\sqrt{2}", r"\sqrt{3}"), ("3i", "3"),
+    ("x2", "2x"), (r"\pi 2", r"2\pi"), ("(" * 40 + "1" + ")" * 40, "1"),  # no implicit product before a number; depth
+    (r"\frac{1}{1+\sqrt{2}}", r"\frac{1}{1.000000000000000000000000000000001+\sqrt{2}}"),  # agree to 30 digits
+])
+def test_closed_forms_refused(pred, gold):
+    """Guards against accepting different values, decimals passed off as surds, and forms over the limits."""
+    assert not is_equiv(pred, gold) and not is_equiv(gold, pred)
+
+
+def test_closed_form_limits_are_fast():
+    """Guards against a parser that a long, deep or high-power expression can stall."""
+    for text in ["(" * 5000 + "1" + ")" * 5000, r"\sqrt{" * 300 + "2" + "}" * 300, "(1+x)^{64}" * 3,
+                 r"(1+\sqrt{2}+\sqrt{3}+\sqrt{5}+\sqrt{7})^{9}", "9" * 150 + "^{64}", "x" * 199,
+                 "1^{99999999}"]:
+        start = time.perf_counter()
+        assert math_reward(rf"\boxed{{{text}}}", "1") in (0.0, 1.0)
+        assert time.perf_counter() - start < 1.0, text[:30]
+
+
+def test_every_gsm8k_train_solution_scores_1_plain_and_boxed():
+    """Guards against a verifier rule that rejects the answers GSM8K's own reference solutions give."""
+    path = os.path.join(GSM8K_DIR, "train.jsonl")
+    if not os.path.isfile(path):
+        pytest.skip("GSM8K's published files are not at ../shared/data/gsm8k (they are not part of the repository)")
+    rows = [json.loads(line) for line in open(path)]
+    assert len(rows) == 7473
+    bad = []
+    for row in rows:
+        gold = gsm8k_gold(row["answer"])
+        body = row["answer"].rsplit("####", 1)[0]
+        boxed = body + rf"So the answer is $\boxed{{{row['answer'].rsplit('####', 1)[1].strip()}}}$."
+        if math_reward(row["answer"], gold) != 1.0 or math_reward(boxed, gold) != 1.0:
+            bad.append(row["answer"][-60:])
+    assert not bad, bad[:5]
 
 
 # -----------------------------------------------------------------------------
