@@ -1319,10 +1319,15 @@ def start_distributed(args: Args) -> tuple[torch.device, bool]:
     world = dist.get_world_size()
     if dist.get_rank() > 0:  # only rank 0 prints; errors still reach stderr
         sys.stdout = open(os.devnull, "w")
+    check_world(args, world)
+    return device, bf16
+
+
+def check_world(args: Args, world: int) -> None:
+    """Every rank takes the same number of whole groups in every update."""
     if args.batch_prompts % (world * args.updates_per_batch):
         raise SystemExit(f"error: --batch-prompts ({args.batch_prompts}) must be a multiple of processes x "
                          f"--updates-per-batch ({world} x {args.updates_per_batch}): each rank takes whole groups")
-    return device, bf16
 
 
 def rank_share(batch: list, updates: int, rank: int, world: int) -> list:

@@ -15,6 +15,7 @@ import os
 import pathlib
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -1514,7 +1515,7 @@ def test_bf16_sampler_follows_the_policy():
 # same in every process), each rank taking its share with rank_share(); this file is the worker.
 
 DIST_BASE = ["--model", "tiny", "--batch-prompts", "4", "--group-size", "4", "--beta", "0.5", "--beta-warmup", "0",
-             "--micro-batch", "5", "--lr", "1e-2"]
+             "--micro-batch", "5", "--lr", "1e-2", "--max-grad-norm", "100"]  # no clipping: it would hide a scale
 DIST_CASES = {  # name -> flags of a policy update that two ranks and one process must agree on
     "dp": [],
     "dp-2-updates-token-mean": ["--updates-per-batch", "2", "--loss-agg", "token-mean"],
@@ -1604,6 +1605,41 @@ def test_two_ranks_take_the_steps_of_one_process(case, two_rank_updates):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     for a, b in zip(ranks[0]["weights"], one["weights"]):
         torch.testing.assert_close(a, b, rtol=0, atol=5e-5)
+
+
+DIST_RUN = ["--model", "tiny", "--steps", "4", "--batch-prompts", "4", "--group-size", "4", "--eval-every", "0",
+            "--eval-n", "8", "--save-every", "2", "--beta-warmup", "0", "--beta-decay", "0"]
+
+
+def test_two_rank_run_resumes_from_its_checkpoint_which_loads_in_one_process(tmp_path):
+    """sdpg.py under torchrun: rank 0 writes the metrics and checkpoints; a second two-rank run resumed from
+    checkpoint-2 repeats steps 3-4 exactly (per-rank RNG states restored), and one process loads the
+    checkpoint and resumes from it too. Guards against: every rank writing files, a resume that restores
+    rank 0's sampling RNG on both ranks (both would draw the same answers), and checkpoints that only torchrun
+    could read."""
+    from transformers import AutoModelForCausalLM
+
+    out, resumed = tmp_path / "run", tmp_path / "resumed"
+    stdout = _torchrun(os.path.join(HERE, "sdpg.py"), *DIST_RUN, "--output-dir", str(out))
+    assert stdout.count("step    3") == 1 and "cpu x 2" in stdout  # rank 0 alone prints
+    rows = _rows(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("final"))
+    _torchrun(os.path.join(HERE, "sdpg.py"), *DIST_RUN, "--output-dir", str(resumed), "--resume")
+    for a, b in zip(_comparable(_rows(resumed / "metrics.jsonl")), _comparable(rows)):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), a["step"]
+    for a, b in zip(AutoModelForCausalLM.from_pretrained(resumed / "final").parameters(),
+                    AutoModelForCausalLM.from_pretrained(out / "final").parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    shutil.rmtree(resumed / "final")
+    sdpg.main(DIST_RUN + ["--output-dir", str(resumed), "--resume"])  # the same checkpoint, one process
+    assert [r["step"] for r in _rows(resumed / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+
+
+def test_a_global_batch_that_ranks_cannot_share_is_refused():
+    sdpg.check_world(sdpg.parse_args(["--model", "tiny", "--batch-prompts", "8", "--updates-per-batch", "2"]), 4)
+    with pytest.raises(SystemExit, match=r"multiple of processes x --updates-per-batch \(2 x 2\)"):
+        sdpg.check_world(sdpg.parse_args(["--model", "tiny", "--batch-prompts", "6", "--updates-per-batch", "2"]), 2)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["dist-worker"]:  # one rank of two_rank_updates
