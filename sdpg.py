@@ -64,6 +64,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from verifiers import extract_answer, gsm8k_gold, math_reward
@@ -135,6 +137,9 @@ class Args:
                                    "the batch, so it changes memory and speed, not the result [auto: 8; tiny 128]")
     gradient_checkpointing: bool = _arg(False, "recompute the transformer layers in the backward pass "
                                         "(less activation memory, one more forward pass of time)")
+    fsdp: bool = _arg(False, "under torchrun, shard the policy and the reference model over the processes with "
+                      "FSDP2 (per decoder layer and the root), for a model that does not fit one GPU with AdamW "
+                      "(README: More than one GPU); the sampler stays a whole copy on every GPU")
     # SDPG terms
     beta: float = _arg(1e-3, "beta_base, weight of the gated self-distillation KL; 0 gives the "
                        "RPG/GRPO-style baseline and skips the teacher forward (paper: 1e-3)")
@@ -910,9 +915,10 @@ def hf_generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_n
 # the autocast forward that scores the answers (autocast keeps norms and the residual stream in
 # float32): like every RL system with a separate inference engine, the rollouts are on-policy up to
 # bf16 rounding.
-def make_sampler(model: nn.Module, bf16: bool) -> nn.Module:
-    """The model that generates: a frozen bf16 copy when computing in bf16, else the model itself."""
-    return frozen_copy(model, torch.bfloat16) if bf16 else model
+def make_sampler(model: nn.Module, bf16: bool, copy: bool = False) -> nn.Module:
+    """The model that generates: a frozen bf16 copy when computing in bf16, else the model itself (or, with
+    copy=True, for --fsdp whose policy is sharded, a whole float32 copy)."""
+    return frozen_copy(model, torch.bfloat16 if bf16 else torch.float32) if bf16 or copy else model
 
 
 @torch.no_grad()
@@ -920,7 +926,7 @@ def refresh_sampler(sampler: nn.Module, model: nn.Module) -> None:
     """Copies the current policy weights into the sampler (a no-op when they are one model)."""
     if sampler is not model:
         for dst, src in zip(sampler.parameters(), model.parameters()):
-            dst.copy_(src)
+            dst.copy_(whole(src))  # with --fsdp, gathered from the ranks' shards one parameter at a time
 
 
 # -----------------------------------------------------------------------------
@@ -1209,7 +1215,7 @@ def score(model, ref_model, rb: Rollouts, rows: slice, use_teacher: bool, args: 
     mask = rb.response_mask[rows]  # (n, L)
     targets = rb.response_ids[rows][mask.bool()]  # (M,) real response tokens, flattened
     lm_head = model.get_output_embeddings()
-    with autocast(device, bf16):
+    with autocast(device, bf16), whole_root(model), whole_root(ref_model):
         h_teacher = None
         if use_teacher:
             with torch.no_grad():  # the teacher is the current model, stop-gradient
@@ -1267,7 +1273,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
                 sums["kl_ref"] += (w * (torch.exp(-log_w) - 1 + log_w)).sum().item()
         all_reduce_gradients(model)  # every rank now holds the gradient of the global update
         update_loss = global_sum({"loss": update_loss})["loss"]  # so that every rank skips the same updates
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)).item()
         sums["grad_norm"] += grad_norm / args.updates_per_batch
         if math.isfinite(grad_norm) and math.isfinite(update_loss):
             optimizer.step()
@@ -1307,6 +1313,9 @@ def start_distributed(args: Args) -> tuple[torch.device, bool]:
     """Joins the process group when started by torchrun; returns the device and bf16, as pick_device.
     Each rank computes on its own GPU (cuda:LOCAL_RANK) and talks over NCCL; on CPUs it uses gloo."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if args.fsdp:
+            raise SystemExit("error: --fsdp shards the model over the processes that torchrun starts: "
+                             "torchrun --nproc-per-node N sdpg.py ... --fsdp")
         return pick_device(args.device)
     device, bf16 = pick_device(args.device)
     if device.type == "cuda":
@@ -1379,7 +1388,7 @@ def update_share(mask: Tensor, agg: str) -> float:
 # the token weights already make the loss the global one (update_share).
 def all_reduce_gradients(model: nn.Module) -> None:
     """Sums every parameter's gradient over the ranks, in place (nothing to do in one process)."""
-    if rank_and_world()[1] == 1:
+    if rank_and_world()[1] == 1 or isinstance(model, FSDPModule):  # FSDP has summed them in the backward pass
         return
     for p in model.parameters():
         if p.grad is None:  # every rank must send the same tensors; a gradient nobody produced is 0
@@ -1428,6 +1437,84 @@ def check_shared_output_dir(output_dir: str) -> None:
     if not seen.item():
         raise SystemExit(f"error: not every process can see --output-dir {output_dir}: with several nodes it must "
                          f"be on a shared filesystem (rank 0 writes the checkpoints, every rank reads them)")
+
+
+# --fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) keeps 1/N of every parameter, gradient and AdamW moment
+# on each of N ranks, as DTensors. A sharded module gathers its whole weights in a hook before its forward
+# and frees them after; in the backward pass it reduce-scatters the gradients, each rank keeping the sum
+# for its own shard. Each decoder layer is one such module, so only one layer is whole at a time, and the
+# root (the whole model) holds the rest: embeddings, final norm, output layer.
+def shard_model(model: nn.Module) -> nn.Module:
+    """Shards the model in place over the ranks, per decoder layer and the root; returns it."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):  # a plain sum, as all_reduce_gradients: the token weights are global
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a sum op, which gloo has (no pre-multiplied sum)
+    with torch.no_grad():  # FSDP takes the module of the first forward pass as its root: let it be the model
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device))
+    # The root keeps its weights whole after a forward, and while they are whole model.parameters() gives those
+    # whole tensors, not the shards that the optimiser must update.
+    model.reshard()
+    return model
+
+
+def whole(t: Tensor) -> Tensor:
+    """A sharded tensor (DTensor) gathered whole on every rank; any other tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@contextlib.contextmanager
+def whole_root(model: nn.Module | None):
+    """Gathers the root's own weights for code that calls model.base_model and the output layer instead of
+    the model's forward (score, check_output_head), where FSDP's hooks would not. Without grad they are
+    freed again at the end; with grad, after the backward pass, when FSDP has reduced their gradients."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.reshard()  # drops a whole copy kept since the last backward pass: the optimiser has changed the shards
+    model.unshard()
+    free_now = not (torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()))
+    try:
+        yield
+    finally:
+        if free_now:
+            model.reshard()
+
+
+def full_model_state(model: nn.Module) -> dict | None:
+    """With --fsdp the whole float32 state dict, gathered onto rank 0's CPU (empty on the other ranks), for
+    save_pretrained; None for a model that holds its whole weights."""
+    if not isinstance(model, FSDPModule):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model: nn.Module, optimizer) -> dict:
+    """The optimiser's state dict; with --fsdp gathered whole onto rank 0, keyed by parameter name."""
+    if not isinstance(model, FSDPModule):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+
+
+def load_states(model: nn.Module, optimizer, weights: dict, optim_state: dict) -> None:
+    """Loads whole weights and optimiser state; with --fsdp each rank keeps its own shards of them."""
+    if not isinstance(model, FSDPModule):
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
 
 
 def all_rng_states() -> list[dict]:
@@ -1492,10 +1579,11 @@ def evaluation_metrics(model, tokenizer, held_out: list[dict], instruction: str,
 # so a crash while saving never leaves a checkpoint that looks complete.
 
 
-def save_checkpoint(model, tokenizer, path: str, state: dict | None = None) -> None:
+def save_checkpoint(model, tokenizer, path: str, state: dict | None = None, weights: dict | None = None) -> None:
+    """weights: the model's whole state dict when the model itself holds only shards (--fsdp)."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     if state is not None:
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
@@ -1543,9 +1631,9 @@ def restore_checkpoint(path: str, model, optimizer, scheduler, order: random.Ran
     model is not touched: it stays the INITIAL weights."""
     from transformers import AutoModelForCausalLM
 
-    model.load_state_dict(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict())
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    load_states(model, optimizer, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict(),
+                state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     order.setstate(state["order"])
     rank, world = rank_and_world()
@@ -1603,7 +1691,7 @@ def check_output_head(model, tokenizer, device: torch.device) -> None:
     after that (Gemma-2's soft-capping, Cohere's logit scale): refuse them rather than score answers
     from another distribution than the one they were sampled from."""
     ids = torch.tensor([tokenizer("1 + 1 =").input_ids], device=device)
-    with torch.no_grad():
+    with torch.no_grad(), whole_root(model):
         full = model(input_ids=ids).logits[0, -1].float()
         ours = model.get_output_embeddings()(model.base_model(input_ids=ids).last_hidden_state[0, -1]).float()
     if not torch.allclose(full, ours, rtol=1e-3, atol=1e-3):
@@ -1635,11 +1723,14 @@ def main(argv: list[str] | None = None) -> None:
     model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     # The copy is made on the CPU, so the device never holds two float32 models at once.
     ref_model = frozen_copy(model, torch.bfloat16 if bf16 else torch.float32).to(device) if args.alpha > 0 else None
-    sampler = make_sampler(model, bf16).to(device)
+    sampler = make_sampler(model, bf16, copy=args.fsdp).to(device)
     model.to(device)
     if args.gradient_checkpointing:  # transformers 5.2x renamed gradient_ to activation_checkpointing
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    if args.fsdp:
+        model = shard_model(model)
+        ref_model = shard_model(ref_model) if ref_model is not None else None
     train, held_out = load_examples(args.dataset, args.eval_n, args.seed, args.question_field, args.answer_field,
                                     args.solution_field)
     instruction = args.instruction
@@ -1658,10 +1749,10 @@ def main(argv: list[str] | None = None) -> None:
     def checkpoint_now(step: int) -> str:
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
         rngs = all_rng_states()
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        state = {"step": step, "optimizer": optimizer_state(model, optimizer), "scheduler": scheduler.state_dict(),
                  "order": order.getstate(), "queue": queue, "bad_in_a_row": bad_in_a_row, "rng": rngs[0],
                  **({"rng_by_rank": rngs} if world > 1 else {})}
-        on_rank_zero(save_checkpoint, model, tokenizer, path, state)
+        on_rank_zero(save_checkpoint, model, tokenizer, path, state, full_model_state(model))
         for old in checkpoints(args.output_dir)[:-args.keep_checkpoints] if rank == 0 else []:
             shutil.rmtree(old)
         return path
@@ -1716,7 +1807,8 @@ def main(argv: list[str] | None = None) -> None:
                 return
             if args.save_every and step % args.save_every == 0 and step != args.steps:
                 checkpoint_now(step)
-    on_rank_zero(save_checkpoint, model, tokenizer, os.path.join(args.output_dir, "final"))
+    on_rank_zero(save_checkpoint, model, tokenizer, os.path.join(args.output_dir, "final"), None,
+                 full_model_state(model))
     print(f"done: final model in {os.path.join(args.output_dir, 'final')}")
 
 

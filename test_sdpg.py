@@ -1520,6 +1520,9 @@ DIST_CASES = {  # name -> flags of a policy update that two ranks and one proces
     "dp": [],
     "dp-2-updates-token-mean": ["--updates-per-batch", "2", "--loss-agg", "token-mean"],
     "dp-2-updates-checkpointing": ["--updates-per-batch", "2", "--gradient-checkpointing"],
+    "fsdp": ["--fsdp"],
+    "fsdp-2-updates-token-mean-checkpointing": ["--fsdp", "--updates-per-batch", "2", "--loss-agg", "token-mean",
+                                                "--gradient-checkpointing"],
 }
 
 
@@ -1560,17 +1563,19 @@ def _updates_on_fixed_rollouts(flags: list[str], steps: int = 3) -> dict:
     ref = sdpg.frozen_copy(model, torch.float32)
     if args.gradient_checkpointing:
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    if args.fsdp and world > 1:  # one process is the reference: its model stays whole
+        model, ref = sdpg.shard_model(model), sdpg.shard_model(ref)
     optimizer, scheduler = sdpg.build_optimizer(model, args)
     first_grad = []
 
     def record(opt, a, k):
         if not first_grad:
-            first_grad.extend(p.grad.detach().double().clone() for p in model.parameters())
+            first_grad.extend(sdpg.whole(p.grad).detach().double().clone() for p in model.parameters())
     optimizer.register_step_pre_hook(record)
     for step in range(1, steps + 1):
         rb = _rank_rows(_fixed_rollouts(step, args, len(tok)), args, rank, world)
         sdpg.policy_update(model, ref, optimizer, scheduler, rb, 0.5, args, torch.device("cpu"), False)
-    return {"grad": first_grad, "weights": [p.detach().double().clone() for p in model.parameters()]}
+    return {"grad": first_grad, "weights": [sdpg.whole(p).detach().double().clone() for p in model.parameters()]}
 
 
 def _torchrun(*argv: str, timeout: int = 170) -> str:
