@@ -1352,7 +1352,7 @@ def rank_share(batch: list, updates: int, rank: int, world: int) -> list:
 
 def global_sum(values: dict) -> dict:
     """Sums each number (None stays None) over the ranks; every rank gets the totals."""
-    rank, world = rank_and_world()
+    world = rank_and_world()[1]
     keys = [k for k, v in values.items() if v is not None]
     if world == 1 or not keys:
         return values
@@ -1372,7 +1372,7 @@ def update_share(mask: Tensor, agg: str) -> float:
     """What this rank's token weights are scaled by so that they sum to 1 over the GLOBAL update.
     token_weights() normalises over the rank's own rows: with 'group' each rank holds the same number
     of prompts, so 1 / ranks; with 'token-mean' the rank's share of the update's tokens."""
-    rank, world = rank_and_world()
+    world = rank_and_world()[1]
     if world == 1:
         return 1.0
     if agg == "group":

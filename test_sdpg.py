@@ -1440,6 +1440,7 @@ def test_nan_loss_is_skipped_and_stops_the_run(tmp_path, monkeypatch):
     (["--dataset", "missing.jsonl"], "no such dataset file: missing.jsonl"),
     (["--model", "./no-such-model"], "no such model directory"),
     (["--max-new-tokens", "600"], "exceeds the model's context of 512 tokens"),
+    (["--fsdp"], "--fsdp shards the model over the processes that torchrun starts"),
 ])
 def test_bad_input_gets_one_clear_line(flags, message, tmp_path):
     with pytest.raises(SystemExit, match=message) as e:
@@ -1589,7 +1590,8 @@ def _torchrun(*argv: str, timeout: int = 170) -> str:
 def two_rank_updates(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     _torchrun(os.path.join(HERE, "test_sdpg.py"), "dist-worker", str(out))
-    return {(name, r): torch.load(out / f"{name}-{r}.pt") for name in DIST_CASES for r in (0, 1)}
+    runs = {(name, r): torch.load(out / f"{name}-{r}.pt") for name in DIST_CASES for r in (0, 1)}
+    return {**runs, "unshared": [(out / f"unshared-{r}.txt").read_text() for r in (0, 1)]}
 
 
 # Tolerance: the two ranks add their halves of the gradient in another order than one process does
@@ -1616,29 +1618,37 @@ DIST_RUN = ["--model", "tiny", "--steps", "4", "--batch-prompts", "4", "--group-
             "--eval-n", "8", "--save-every", "2", "--beta-warmup", "0", "--beta-decay", "0"]
 
 
-def test_two_rank_run_resumes_from_its_checkpoint_which_loads_in_one_process(tmp_path):
-    """sdpg.py under torchrun: rank 0 writes the metrics and checkpoints; a second two-rank run resumed from
-    checkpoint-2 repeats steps 3-4 exactly (per-rank RNG states restored), and one process loads the
-    checkpoint and resumes from it too. Guards against: every rank writing files, a resume that restores
-    rank 0's sampling RNG on both ranks (both would draw the same answers), and checkpoints that only torchrun
-    could read."""
+def test_two_rank_fsdp_run_resumes_from_its_checkpoint_which_loads_in_one_process(tmp_path):
+    """sdpg.py --fsdp under torchrun: rank 0 alone prints and writes; a second two-rank run resumed from
+    checkpoint-2 (weights and the sharded AdamW state gathered into it) repeats steps 3-4 exactly, with each
+    rank's sampling RNG restored, and the checkpoint is a whole model that one process loads. Plain data
+    parallel shares this path except the gathering (its update is checked above). Guards against: every rank
+    writing files, a resume that gives both ranks rank 0's RNG (both would draw the same answers) or loses
+    the optimiser state, and checkpoints that hold only rank 0's shards."""
     from transformers import AutoModelForCausalLM
 
     out, resumed = tmp_path / "run", tmp_path / "resumed"
-    stdout = _torchrun(os.path.join(HERE, "sdpg.py"), *DIST_RUN, "--output-dir", str(out))
-    assert stdout.count("step    3") == 1 and "cpu x 2" in stdout  # rank 0 alone prints
+    stdout = _torchrun(os.path.join(HERE, "sdpg.py"), *DIST_RUN, "--fsdp", "--output-dir", str(out))
+    assert stdout.count("step    3") == 1 and "cpu x 2" in stdout
     rows = _rows(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("final"))
-    _torchrun(os.path.join(HERE, "sdpg.py"), *DIST_RUN, "--output-dir", str(resumed), "--resume")
+    _torchrun(os.path.join(HERE, "sdpg.py"), *DIST_RUN, "--fsdp", "--output-dir", str(resumed), "--resume")
     for a, b in zip(_comparable(_rows(resumed / "metrics.jsonl")), _comparable(rows)):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7), a["step"]
     for a, b in zip(AutoModelForCausalLM.from_pretrained(resumed / "final").parameters(),
                     AutoModelForCausalLM.from_pretrained(out / "final").parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    shutil.rmtree(resumed / "final")
-    sdpg.main(DIST_RUN + ["--output-dir", str(resumed), "--resume"])  # the same checkpoint, one process
-    assert [r["step"] for r in _rows(resumed / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+    one = AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
+    init = sdpg.build_tiny_model(sdpg.build_char_tokenizer(), seed=0)
+    assert all(not torch.equal(a, b) for a, b in zip(one.parameters(), init.parameters()))  # trained, whole
+
+
+def test_an_output_dir_that_not_every_rank_sees_is_refused_on_every_rank(two_rank_updates):
+    """Each rank given its own directory (nodes without a shared filesystem): every rank stops with the same
+    line. Guards against a check that passes on rank 0, which wrote the marker, and lets the others hang."""
+    for message in two_rank_updates["unshared"]:
+        assert message.startswith("error: not every process can see --output-dir") and "shared filesystem" in message
 
 
 def test_a_global_batch_that_ranks_cannot_share_is_refused():
@@ -1650,4 +1660,15 @@ def test_a_global_batch_that_ranks_cannot_share_is_refused():
 if __name__ == "__main__" and sys.argv[1:2] == ["dist-worker"]:  # one rank of two_rank_updates
     sdpg.start_distributed(sdpg.parse_args(DIST_BASE))
     for name, flags in DIST_CASES.items():
-        torch.save(_updates_on_fixed_rollouts(flags), os.path.join(sys.argv[2], f"{name}-{sdpg.rank_and_world()[0]}.pt"))
+        result = _updates_on_fixed_rollouts(flags)
+        torch.save(result, os.path.join(sys.argv[2], f"{name}-{sdpg.rank_and_world()[0]}.pt"))
+    sdpg.check_shared_output_dir(sys.argv[2])  # one directory that both ranks see: no error
+    own = os.path.join(sys.argv[2], f"rank-{sdpg.rank_and_world()[0]}")  # as if each node had its own disk
+    os.makedirs(own)
+    try:
+        sdpg.check_shared_output_dir(own)
+        message = "no error"
+    except SystemExit as e:
+        message = str(e)
+    with open(os.path.join(sys.argv[2], f"unshared-{sdpg.rank_and_world()[0]}.txt"), "w") as f:
+        f.write(message)
