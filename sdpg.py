@@ -1424,16 +1424,17 @@ def check_shared_output_dir(output_dir: str) -> None:
     rank, world = rank_and_world()
     if world == 1:
         return
-    box = [os.path.join(output_dir, f".rank-zero-was-here-{time.time_ns()}") if rank == 0 else None]
+    name = [f".rank-zero-was-here-{time.time_ns()}"]
+    dist.broadcast_object_list(name, src=0)
+    marker = os.path.join(output_dir, name[0])
     if rank == 0:
-        open(box[0], "w").close()
-    dist.broadcast_object_list(box, src=0)
-    seen = torch.tensor([os.path.exists(box[0])], dtype=torch.float64,
+        open(marker, "w").close()
+    dist.barrier()
+    seen = torch.tensor([os.path.exists(marker)], dtype=torch.float64,
                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(seen, op=dist.ReduceOp.MIN)
-    dist.barrier()
     if rank == 0:
-        os.remove(box[0])
+        os.remove(marker)
     if not seen.item():
         raise SystemExit(f"error: not every process can see --output-dir {output_dir}: with several nodes it must "
                          f"be on a shared filesystem (rank 0 writes the checkpoints, every rank reads them)")

@@ -1519,11 +1519,10 @@ DIST_BASE = ["--model", "tiny", "--batch-prompts", "4", "--group-size", "4", "--
              "--micro-batch", "5", "--lr", "1e-2", "--max-grad-norm", "100"]  # no clipping: it would hide a scale
 DIST_CASES = {  # name -> flags of a policy update that two ranks and one process must agree on
     "dp": [],
-    "dp-2-updates-token-mean": ["--updates-per-batch", "2", "--loss-agg", "token-mean"],
-    "dp-2-updates-checkpointing": ["--updates-per-batch", "2", "--gradient-checkpointing"],
+    "dp-2-updates-token-mean-checkpointing": ["--updates-per-batch", "2", "--loss-agg", "token-mean",
+                                              "--gradient-checkpointing"],
     "fsdp": ["--fsdp"],
-    "fsdp-2-updates-token-mean-checkpointing": ["--fsdp", "--updates-per-batch", "2", "--loss-agg", "token-mean",
-                                                "--gradient-checkpointing"],
+    "fsdp-2-updates-checkpointing": ["--fsdp", "--updates-per-batch", "2", "--gradient-checkpointing"],
 }
 
 
@@ -1604,7 +1603,12 @@ def test_two_ranks_take_the_steps_of_one_process(case, two_rank_updates):
     weights are identical. Guards against: a missing gradient all-reduce (each rank steps on its half),
     token weights that sum to 1 per rank instead of over the global update (a gradient twice too big), and
     dealing each rank one contiguous slice of the batch with --updates-per-batch 2 (other prompts per step)."""
-    one = _updates_on_fixed_rollouts(DIST_CASES[case])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small run 10x slower when threads compete for the two cores
+    try:
+        one = _updates_on_fixed_rollouts(DIST_CASES[case])
+    finally:
+        torch.set_num_threads(threads)
     ranks = [two_rank_updates[case, r] for r in (0, 1)]
     for a, b in zip(ranks[0]["weights"], ranks[1]["weights"]):
         assert torch.equal(a, b)
