@@ -42,6 +42,7 @@ Run it:
 """
 
 import argparse
+import atexit
 import contextlib
 import copy
 import dataclasses
@@ -53,14 +54,18 @@ import re
 import shutil
 import signal
 import string
+import sys
 import time
 import weakref
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from verifiers import extract_answer, gsm8k_gold, math_reward
@@ -132,6 +137,9 @@ class Args:
                                    "the batch, so it changes memory and speed, not the result [auto: 8; tiny 128]")
     gradient_checkpointing: bool = _arg(False, "recompute the transformer layers in the backward pass "
                                         "(less activation memory, one more forward pass of time)")
+    fsdp: bool = _arg(False, "under torchrun, shard the policy and the reference model over the processes with "
+                      "FSDP2 (per decoder layer and the root), for a model that does not fit one GPU with AdamW "
+                      "(README: More than one GPU); the sampler stays a whole copy on every GPU")
     # SDPG terms
     beta: float = _arg(1e-3, "beta_base, weight of the gated self-distillation KL; 0 gives the "
                        "RPG/GRPO-style baseline and skips the teacher forward (paper: 1e-3)")
@@ -915,9 +923,10 @@ def hf_generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_n
 # the autocast forward that scores the answers (autocast keeps norms and the residual stream in
 # float32): like every RL system with a separate inference engine, the rollouts are on-policy up to
 # bf16 rounding.
-def make_sampler(model: nn.Module, bf16: bool) -> nn.Module:
-    """The model that generates: a frozen bf16 copy when computing in bf16, else the model itself."""
-    return frozen_copy(model, torch.bfloat16) if bf16 else model
+def make_sampler(model: nn.Module, bf16: bool, copy: bool = False) -> nn.Module:
+    """The model that generates: a frozen bf16 copy when computing in bf16, else the model itself (or, with
+    copy=True, for --fsdp whose policy is sharded, a whole float32 copy)."""
+    return frozen_copy(model, torch.bfloat16 if bf16 else torch.float32) if bf16 or copy else model
 
 
 @torch.no_grad()
@@ -925,7 +934,7 @@ def refresh_sampler(sampler: nn.Module, model: nn.Module) -> None:
     """Copies the current policy weights into the sampler (a no-op when they are one model)."""
     if sampler is not model:
         for dst, src in zip(sampler.parameters(), model.parameters()):
-            dst.copy_(src)
+            dst.copy_(whole(src))  # with --fsdp, gathered from the ranks' shards one parameter at a time
 
 
 # -----------------------------------------------------------------------------
@@ -1214,7 +1223,7 @@ def score(model, ref_model, rb: Rollouts, rows: slice, use_teacher: bool, args: 
     mask = rb.response_mask[rows]  # (n, L)
     targets = rb.response_ids[rows][mask.bool()]  # (M,) real response tokens, flattened
     lm_head = model.get_output_embeddings()
-    with autocast(device, bf16):
+    with autocast(device, bf16), whole_root(model), whole_root(ref_model):
         h_teacher = None
         if use_teacher:
             with torch.no_grad():  # the teacher is the current model, stop-gradient
@@ -1249,7 +1258,8 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
     sums = dict(loss=0.0, kl_distill=0.0, kl_ref=0.0, entropy=0.0, grad_norm=0.0, skipped_updates=0)
     per_update = N // args.updates_per_batch  # whole groups, checked in check_args()
     for u in range(0, N, per_update):
-        weights = token_weights(rb.response_mask[u:u + per_update], G, args.loss_agg)  # (n, L), sums to 1
+        mask = rb.response_mask[u:u + per_update]  # (n, L)
+        weights = token_weights(mask, G, args.loss_agg) * update_share(mask, args.loss_agg)  # (n, L), sums to 1
         update_loss = 0.0
         for i in range(u, u + per_update, args.micro_batch):
             rows = slice(i, min(i + args.micro_batch, u + per_update))
@@ -1269,7 +1279,9 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
             if ref_logp is not None:  # k3 estimate of KL(pi_theta || pi_ref), >= 0 per token
                 log_w = (logp - ref_logp).detach()
                 sums["kl_ref"] += (w * (torch.exp(-log_w) - 1 + log_w)).sum().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        all_reduce_gradients(model)  # every rank now holds the gradient of the global update
+        update_loss = global_sum({"loss": update_loss})["loss"]  # so that every rank skips the same updates
+        grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)).item()
         sums["grad_norm"] += grad_norm / args.updates_per_batch
         if math.isfinite(grad_norm) and math.isfinite(update_loss):
             optimizer.step()
@@ -1277,6 +1289,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
         else:  # a NaN/inf would poison the weights and AdamW's moments for good: skip this update
             sums["skipped_updates"] += 1
         optimizer.zero_grad(set_to_none=True)
+    sums.update(global_sum({k: sums[k] for k in ("loss", "entropy", "kl_distill", "kl_ref")}))
     sums["kl_distill"] = sums["kl_distill"] if use_teacher else None
     sums["kl_ref"] = sums["kl_ref"] if ref_model is not None else None
     return sums
@@ -1287,6 +1300,240 @@ def build_optimizer(model: nn.Module, args: Args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup)))
     return optimizer, scheduler
+
+
+# -----------------------------------------------------------------------------
+# More than one process: `torchrun --nproc-per-node N sdpg.py ...` runs N copies of this file, one per
+# GPU (rank), which talk through torch.distributed. Plain data parallel: every rank holds the whole
+# model, samples and scores its own share of the prompts, and the gradients are summed over the ranks
+# before each optimiser step, so every rank takes the same step. A rank owns whole groups, so the
+# group advantages (Eq. 2.1) need no communication. With one process none of this does anything.
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, number of processes); (0, 1) without torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def start_distributed(args: Args) -> tuple[torch.device, bool]:
+    """Joins the process group when started by torchrun; returns the device and bf16, as pick_device.
+    Each rank computes on its own GPU (cuda:LOCAL_RANK) and talks over NCCL; on CPUs it uses gloo."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if args.fsdp:
+            raise SystemExit("error: --fsdp shards the model over the processes that torchrun starts: "
+                             "torchrun --nproc-per-node N sdpg.py ... --fsdp")
+        return pick_device(args.device)
+    device, bf16 = pick_device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    atexit.register(dist.destroy_process_group)
+    world = dist.get_world_size()
+    if dist.get_rank() > 0:  # only rank 0 prints; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
+    check_world(args, world)
+    return device, bf16
+
+
+def check_world(args: Args, world: int) -> None:
+    """Every rank takes the same number of whole groups in every update."""
+    if args.batch_prompts % (world * args.updates_per_batch):
+        raise SystemExit(f"error: --batch-prompts ({args.batch_prompts}) must be a multiple of processes x "
+                         f"--updates-per-batch ({world} x {args.updates_per_batch}): each rank takes whole groups")
+
+
+def rank_share(batch: list, updates: int, rank: int, world: int) -> list:
+    """This rank's prompts of the global batch. Each update's prompts are dealt out in equal blocks, one
+    per rank, so optimiser step u sees the same prompts as it would in one process.
+    >>> rank_share(list(range(8)), updates=2, rank=1, world=2)
+    [2, 3, 6, 7]
+    """
+    per_update = len(batch) // updates
+    k = per_update // world
+    return [x for u in range(0, len(batch), per_update) for x in batch[u + rank * k:u + (rank + 1) * k]]
+
+
+def global_sum(values: dict) -> dict:
+    """Sums each number (None stays None) over the ranks; every rank gets the totals."""
+    world = rank_and_world()[1]
+    keys = [k for k, v in values.items() if v is not None]
+    if world == 1 or not keys:
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)  # (K,)
+    dist.all_reduce(total)
+    return {**values, **dict(zip(keys, total.tolist()))}
+
+
+def global_mean(values: dict) -> dict:
+    """The mean of each number over the ranks (each rank holds the same number of answers)."""
+    world = rank_and_world()[1]
+    return values if world == 1 else {k: v / world for k, v in global_sum(values).items()}
+
+
+def update_share(mask: Tensor, agg: str) -> float:
+    """What this rank's token weights are scaled by so that they sum to 1 over the GLOBAL update.
+    token_weights() normalises over the rank's own rows: with 'group' each rank holds the same number
+    of prompts, so 1 / ranks; with 'token-mean' the rank's share of the update's tokens."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return 1.0
+    if agg == "group":
+        return 1.0 / world
+    mine = float(mask.sum())
+    return mine / global_sum({"tokens": mine})["tokens"]
+
+
+# Why an explicit all-reduce and not DistributedDataParallel: DDP sums gradients from hooks that it
+# sets up when ITS forward is called, but score() calls model.base_model and the output layer directly,
+# which would bypass those hooks and silently train every rank on its own gradient. Summing by hand
+# after all micro-batches is a few lines, runs once per update, and cannot be bypassed. Sum, not mean:
+# the token weights already make the loss the global one (update_share).
+def all_reduce_gradients(model: nn.Module) -> None:
+    """Sums every parameter's gradient over the ranks, in place (nothing to do in one process)."""
+    if rank_and_world()[1] == 1 or isinstance(model, FSDPModule):  # FSDP has summed them in the backward pass
+        return
+    for p in model.parameters():
+        if p.grad is None:  # every rank must send the same tensors; a gradient nobody produced is 0
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on at least one (a Ctrl-C or SIGTERM reaches one rank only)."""
+    return global_sum({"flag": float(flag)})["flag"] > 0
+
+
+def on_rank_zero(fn, *args):
+    """Runs fn on rank 0 only (file system work) and gives its result to every rank; a SystemExit
+    there exits every rank with the same line, instead of leaving the others waiting."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return fn(*args)
+    box = [None, None]
+    if rank == 0:
+        try:
+            box[0] = fn(*args)
+        except SystemExit as e:
+            box[1] = str(e)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise SystemExit(box[1])
+    return box[0]
+
+
+def check_shared_output_dir(output_dir: str) -> None:
+    """Every rank reads checkpoints that rank 0 wrote: rank 0 leaves a marker, every rank looks for it."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return
+    name = [f".rank-zero-was-here-{time.time_ns()}"]
+    dist.broadcast_object_list(name, src=0)
+    marker = os.path.join(output_dir, name[0])
+    if rank == 0:
+        open(marker, "w").close()
+    dist.barrier()
+    seen = torch.tensor([os.path.exists(marker)], dtype=torch.float64,
+                        device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+    if rank == 0:
+        os.remove(marker)
+    if not seen.item():
+        raise SystemExit(f"error: not every process can see --output-dir {output_dir}: with several nodes it must "
+                         f"be on a shared filesystem (rank 0 writes the checkpoints, every rank reads them)")
+
+
+# --fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) keeps 1/N of every parameter, gradient and AdamW moment
+# on each of N ranks, as DTensors. A sharded module gathers its whole weights in a hook before its forward
+# and frees them after; in the backward pass it reduce-scatters the gradients, each rank keeping the sum
+# for its own shard. Each decoder layer is one such module, so only one layer is whole at a time, and the
+# root (the whole model) holds the rest: embeddings, final norm, output layer.
+def shard_model(model: nn.Module) -> nn.Module:
+    """Shards the model in place over the ranks, per decoder layer and the root; returns it."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):  # a plain sum, as all_reduce_gradients: the token weights are global
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a sum op, which gloo has (no pre-multiplied sum)
+    with torch.no_grad():  # FSDP takes the module of the first forward pass as its root: let it be the model
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device))
+    # The root keeps its weights whole after a forward, and while they are whole model.parameters() gives those
+    # whole tensors, not the shards that the optimiser must update.
+    model.reshard()
+    return model
+
+
+def whole(t: Tensor) -> Tensor:
+    """A sharded tensor (DTensor) gathered whole on every rank; any other tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@contextlib.contextmanager
+def whole_root(model: nn.Module | None):
+    """Gathers the root's own weights for code that calls model.base_model and the output layer instead of
+    the model's forward (score, check_output_head), where FSDP's hooks would not. Without grad they are
+    freed again at the end; with grad, after the backward pass, when FSDP has reduced their gradients."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.reshard()  # drops a whole copy kept since the last backward pass: the optimiser has changed the shards
+    model.unshard()
+    free_now = not (torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()))
+    try:
+        yield
+    finally:
+        if free_now:
+            model.reshard()
+
+
+def full_model_state(model: nn.Module) -> dict | None:
+    """With --fsdp the whole float32 state dict, gathered onto rank 0's CPU (empty on the other ranks), for
+    save_pretrained; None for a model that holds its whole weights."""
+    if not isinstance(model, FSDPModule):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model: nn.Module, optimizer) -> dict:
+    """The optimiser's state dict; with --fsdp gathered whole onto rank 0, keyed by parameter name."""
+    if not isinstance(model, FSDPModule):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+
+
+def load_states(model: nn.Module, optimizer, weights: dict, optim_state: dict) -> None:
+    """Loads whole weights and optimiser state; with --fsdp each rank keeps its own shards of them."""
+    if not isinstance(model, FSDPModule):
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+
+
+def all_rng_states() -> list[dict]:
+    """Every rank's RNG states, in rank order (rank 0 saves them all in a checkpoint)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [rng_states()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_states())
+    return states
 
 
 # -----------------------------------------------------------------------------
@@ -1317,17 +1564,20 @@ def evaluate(model, tokenizer, examples: list[dict], instruction: str, stop_ids:
 
 def evaluation_metrics(model, tokenizer, held_out: list[dict], instruction: str, templates: tuple[str, str],
                        stop_ids: list[int], args: Args, device, bf16) -> dict:
-    """eval_accuracy (greedy pass@1) and, with --eval-samples K, eval_mean_at_k (mean@K)."""
+    """eval_accuracy (greedy pass@1) and, with --eval-samples K, eval_mean_at_k (mean@K). Under torchrun each
+    rank answers every world-th question and the sums are added up."""
     batch = args.batch_prompts * args.group_size
-    run = lambda k, t: evaluate(model, tokenizer, held_out, instruction, stop_ids, args.max_new_tokens,  # noqa: E731
-                                batch, device, bf16, k, t, templates)
-    row = {"eval_accuracy": sum(run(1, 0.0)) / len(held_out)}
+    rank, world = rank_and_world()
+    run = lambda k, t: global_sum({"right": sum(evaluate(  # noqa: E731
+        model, tokenizer, held_out[rank::world], instruction, stop_ids, args.max_new_tokens, batch, device, bf16,
+        k, t, templates))})["right"]
+    row = {"eval_accuracy": run(1, 0.0) / len(held_out)}
     if args.eval_samples:
         # The same seed at every evaluation, in a forked RNG: the training run stays the one it would
         # be without this evaluation, and the mean@K of two steps is drawn with the same noise.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(args.seed)
-            row["eval_mean_at_k"] = sum(run(args.eval_samples, args.eval_temperature)) / len(held_out)
+            torch.manual_seed(args.seed + rank)
+            row["eval_mean_at_k"] = run(args.eval_samples, args.eval_temperature) / len(held_out)
     return row
 
 
@@ -1338,10 +1588,11 @@ def evaluation_metrics(model, tokenizer, held_out: list[dict], instruction: str,
 # so a crash while saving never leaves a checkpoint that looks complete.
 
 
-def save_checkpoint(model, tokenizer, path: str, state: dict | None = None) -> None:
+def save_checkpoint(model, tokenizer, path: str, state: dict | None = None, weights: dict | None = None) -> None:
+    """weights: the model's whole state dict when the model itself holds only shards (--fsdp)."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     if state is not None:
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
@@ -1391,12 +1642,16 @@ def restore_checkpoint(path: str, model, optimizer, scheduler, order: random.Ran
     model is not touched: it stays the INITIAL weights."""
     from transformers import AutoModelForCausalLM
 
-    model.load_state_dict(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict())
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    load_states(model, optimizer, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict(),
+                state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     order.setstate(state["order"])
-    set_rng_states(state["rng"])
+    rank, world = rank_and_world()
+    by_rank = state.get("rng_by_rank", [state["rng"]])
+    if world > 1 and len(by_rank) != world:
+        raise SystemExit(f"error: {path} was saved by {len(by_rank)} process(es); resume it with as many")
+    set_rng_states(by_rank[rank])
     return state
 
 
@@ -1449,7 +1704,7 @@ def check_output_head(model, tokenizer, device: torch.device) -> None:
     after that (Gemma-2's soft-capping, Cohere's logit scale): refuse them rather than score answers
     from another distribution than the one they were sampled from."""
     ids = torch.tensor([tokenizer("1 + 1 =").input_ids], device=device)
-    with torch.no_grad():
+    with torch.no_grad(), whole_root(model):
         full = model(input_ids=ids).logits[0, -1].float()
         ours = model.get_output_embeddings()(model.base_model(input_ids=ids).last_hidden_state[0, -1]).float()
     if not torch.allclose(full, ours, rtol=1e-3, atol=1e-3):
@@ -1466,9 +1721,11 @@ def main(argv: list[str] | None = None) -> None:
     templates = read_templates(args.student_template, args.teacher_template)
     from huggingface_hub.utils import logging as hub_logging
     hub_logging.set_verbosity_error()  # no retry warnings: a failed download is reported in one line
-    device, bf16 = pick_device(args.device)
-    seed_everything(args.seed)
-    resume_from = prepare_output_dir(args)
+    device, bf16 = start_distributed(args)  # pick_device(), and the process group under torchrun
+    rank, world = rank_and_world()
+    seed_everything(args.seed + rank)  # each rank samples its own answers; the data order below is shared
+    resume_from = on_rank_zero(prepare_output_dir, args)
+    check_shared_output_dir(args.output_dir)
     model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"error: the tokenizer of {args.model} has no EOS token, so answers could never end")
@@ -1479,11 +1736,14 @@ def main(argv: list[str] | None = None) -> None:
     model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     # The copy is made on the CPU, so the device never holds two float32 models at once.
     ref_model = frozen_copy(model, torch.bfloat16 if bf16 else torch.float32).to(device) if args.alpha > 0 else None
-    sampler = make_sampler(model, bf16).to(device)
+    sampler = make_sampler(model, bf16, copy=args.fsdp).to(device)
     model.to(device)
     if args.gradient_checkpointing:  # transformers 5.2x renamed gradient_ to activation_checkpointing
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    if args.fsdp:
+        model = shard_model(model)
+        ref_model = shard_model(ref_model) if ref_model is not None else None
     train, held_out = load_examples(args.dataset, args.eval_n, args.seed, args.question_field, args.answer_field,
                                     args.solution_field)
     instruction = args.instruction
@@ -1501,21 +1761,26 @@ def main(argv: list[str] | None = None) -> None:
 
     def checkpoint_now(step: int) -> str:
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
-        save_checkpoint(model, tokenizer, path, {
-            "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "order": order.getstate(), "queue": queue, "bad_in_a_row": bad_in_a_row, "rng": rng_states()})
-        for old in checkpoints(args.output_dir)[:-args.keep_checkpoints]:
+        rngs = all_rng_states()
+        state = {"step": step, "optimizer": optimizer_state(model, optimizer), "scheduler": scheduler.state_dict(),
+                 "order": order.getstate(), "queue": queue, "bad_in_a_row": bad_in_a_row, "rng": rngs[0],
+                 **({"rng_by_rank": rngs} if world > 1 else {})}
+        on_rank_zero(save_checkpoint, model, tokenizer, path, state, full_model_state(model))
+        for old in checkpoints(args.output_dir)[:-args.keep_checkpoints] if rank == 0 else []:
             shutil.rmtree(old)
         return path
 
-    with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=2)
+    if rank == 0:
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
     # Without a checkpoint the run starts again at step 0, whose evaluation row is logged again.
-    metrics_file = open_metrics(os.path.join(args.output_dir, "metrics.jsonl"), start_step if resume_from else 0)
+    metrics_file = open_metrics(os.path.join(args.output_dir, "metrics.jsonl"), start_step if resume_from else 0) \
+        if rank == 0 else open(os.devnull, "w")
     log = lambda row: (metrics_file.write(json.dumps(row) + "\n"), metrics_file.flush())  # noqa: E731
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.model} ({n_params / 1e6:.1f}M parameters) | dataset {args.dataset} ({len(train)} train, "
-          f"{len(held_out)} held out) | device {device}{' bf16' if bf16 else ''} | output {args.output_dir}"
+          f"{len(held_out)} held out) | device {device}{' bf16' if bf16 else ''}{f' x {world}' if world > 1 else ''} "
+          f"| output {args.output_dir}"
           + (f" | resuming at step {start_step}" if resume_from else ""))
 
     evaluate_now = lambda: evaluation_metrics(sampler, tokenizer, held_out, instruction, templates,  # noqa: E731
@@ -1528,10 +1793,10 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
     with catch_interrupts() as stop, metrics_file:
         for step in tqdm(range(start_step, args.steps + 1), desc="sdpg", dynamic_ncols=True,
-                         initial=start_step - 1, total=args.steps):
+                         initial=start_step - 1, total=args.steps, disable=rank > 0):
             t0 = time.time()
             batch, queue = next_batch(queue, order, len(train), args.batch_prompts)
-            examples = [train[i] for i in batch]
+            examples = [train[i] for i in rank_share(batch, args.updates_per_batch, rank, world)]
             refresh_sampler(sampler, model)
             rb = collect_rollouts(sampler, tokenizer, examples, args, instruction, stop_ids, device, bf16, templates)
             beta_k = beta_schedule(step, args.steps, args.beta, args.beta_warmup, args.beta_decay)
@@ -1540,6 +1805,7 @@ def main(argv: list[str] | None = None) -> None:
                    "gate_frac": (rb.advantages > 0).float().mean().item(),
                    "response_len": rb.response_mask.sum(1).float().mean().item(),
                    "lr": scheduler.get_last_lr()[0], "time_s": time.time() - t0}
+            row.update(global_mean({k: row[k] for k in ("reward_mean", "gate_frac", "response_len")}))
             if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
                 refresh_sampler(sampler, model)
                 row.update(evaluate_now())
@@ -1549,13 +1815,14 @@ def main(argv: list[str] | None = None) -> None:
             if bad_in_a_row >= 3:
                 raise SystemExit(f"error: the loss or gradient was NaN/inf in {bad_in_a_row} steps in a row (those "
                                  f"updates were skipped; the weights are intact). Try a lower --lr.")
-            if stop:
+            if any_rank(bool(stop)):
                 path = checkpoint_now(step)
                 print(f"saved {path}. To continue: python sdpg.py <the same flags> --resume")
                 return
             if args.save_every and step % args.save_every == 0 and step != args.steps:
                 checkpoint_now(step)
-    save_checkpoint(model, tokenizer, os.path.join(args.output_dir, "final"))
+    on_rank_zero(save_checkpoint, model, tokenizer, os.path.join(args.output_dir, "final"), None,
+                 full_model_state(model))
     print(f"done: final model in {os.path.join(args.output_dir, 'final')}")
 
 
