@@ -1568,16 +1568,19 @@ def evaluation_metrics(model, tokenizer, held_out: list[dict], instruction: str,
     rank answers every world-th question and the sums are added up."""
     batch = args.batch_prompts * args.group_size
     rank, world = rank_and_world()
-    run = lambda k, t: global_sum({"right": sum(evaluate(  # noqa: E731
-        model, tokenizer, held_out[rank::world], instruction, stop_ids, args.max_new_tokens, batch, device, bf16,
-        k, t, templates))})["right"]
-    row = {"eval_accuracy": run(1, 0.0) / len(held_out)}
+
+    def fraction_right(k: int, temperature: float) -> float:  # over all ranks' questions
+        mine = evaluate(model, tokenizer, held_out[rank::world], instruction, stop_ids, args.max_new_tokens, batch,
+                        device, bf16, k, temperature, templates)
+        return global_sum({"right": sum(mine)})["right"] / len(held_out)
+
+    row = {"eval_accuracy": fraction_right(1, 0.0)}
     if args.eval_samples:
         # The same seed at every evaluation, in a forked RNG: the training run stays the one it would
         # be without this evaluation, and the mean@K of two steps is drawn with the same noise.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.seed + rank)
-            row["eval_mean_at_k"] = run(args.eval_samples, args.eval_temperature) / len(held_out)
+            row["eval_mean_at_k"] = fraction_right(args.eval_samples, args.eval_temperature)
     return row
 
 
@@ -1653,6 +1656,12 @@ def restore_checkpoint(path: str, model, optimizer, scheduler, order: random.Ran
         raise SystemExit(f"error: {path} was saved by {len(by_rank)} process(es); resume it with as many")
     set_rng_states(by_rank[rank])
     return state
+
+
+def log_row(metrics_file, row: dict) -> None:
+    """One JSON line per step, flushed at once so that a hard kill loses at most the row being written."""
+    metrics_file.write(json.dumps(row) + "\n")
+    metrics_file.flush()
 
 
 def open_metrics(path: str, first_step: int):
@@ -1776,18 +1785,18 @@ def main(argv: list[str] | None = None) -> None:
     # Without a checkpoint the run starts again at step 0, whose evaluation row is logged again.
     metrics_file = open_metrics(os.path.join(args.output_dir, "metrics.jsonl"), start_step if resume_from else 0) \
         if rank == 0 else open(os.devnull, "w")
-    log = lambda row: (metrics_file.write(json.dumps(row) + "\n"), metrics_file.flush())  # noqa: E731
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.model} ({n_params / 1e6:.1f}M parameters) | dataset {args.dataset} ({len(train)} train, "
           f"{len(held_out)} held out) | device {device}{' bf16' if bf16 else ''}{f' x {world}' if world > 1 else ''} "
           f"| output {args.output_dir}"
           + (f" | resuming at step {start_step}" if resume_from else ""))
 
-    evaluate_now = lambda: evaluation_metrics(sampler, tokenizer, held_out, instruction, templates,  # noqa: E731
-                                              stop_ids, args, device, bf16)
+    def evaluate_now() -> dict:
+        return evaluation_metrics(sampler, tokenizer, held_out, instruction, templates, stop_ids, args, device, bf16)
+
     if start_step == 1:
         row = {"step": 0, **evaluate_now()}
-        log(row)
+        log_row(metrics_file, row)
         print("step 0" + "".join(f" | {k} {v:.3f}" for k, v in row.items() if k != "step"))
 
     from tqdm import tqdm
@@ -1809,7 +1818,7 @@ def main(argv: list[str] | None = None) -> None:
             if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
                 refresh_sampler(sampler, model)
                 row.update(evaluate_now())
-            log(row)
+            log_row(metrics_file, row)
             tqdm.write(format_row(row))
             bad_in_a_row = bad_in_a_row + 1 if sums["skipped_updates"] else 0
             if bad_in_a_row >= 3:

@@ -545,7 +545,8 @@ def test_presets_and_short_names():
     assert (b.dataset, b.lr, b.alpha, b.beta_warmup, b.beta_decay) == ("gsm8k", 2e-6, 1e-3, 50, 350)
     assert (a.instruction, b.instruction) == ("", sdpg.INSTRUCTION)
     c = sdpg.parse_args(["--model", "tiny", "--dataset", "d.jsonl", "--instruction", "Answer briefly."])
-    assert sdpg.prompt_texts({"question": "2+2?", "answer": "4", "solution": ""}, c.instruction)[0] == "2+2?\nAnswer briefly."
+    example = {"question": "2+2?", "answer": "4", "solution": ""}
+    assert sdpg.prompt_texts(example, c.instruction)[0] == "2+2?\nAnswer briefly."
     assert sdpg.parse_args(["--model", "x", "--instruction", ""]).instruction == ""
     assert sdpg.resolve_model_name("Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
     assert sdpg.resolve_model_name("someone/model") == "someone/model"
@@ -1819,7 +1820,8 @@ def test_nan_loss_is_skipped_and_stops_the_run(tmp_path, monkeypatch):
     # no update happened: a checkpoint saved now would hold the initial, finite weights
     monkeypatch.setattr(sdpg, "sdpg_loss", real)
     sdpg.main(SMALL_RUN + ["--steps", "1", "--output-dir", str(tmp_path / "ok")])
-    assert all(torch.isfinite(p).all() for p in AutoModelForCausalLM.from_pretrained(tmp_path / "ok" / "final").parameters())
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "ok" / "final")
+    assert all(torch.isfinite(p).all() for p in final.parameters())
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -1867,7 +1869,8 @@ def test_bad_dataset_files(tmp_path):
     empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
     empty.write_text("")
     bad.write_text("".join(json.dumps({"question": "q", "answer": "1"}) + "\n" for _ in range(5))
-                   + json.dumps({"question": "q", "solution": "s"}) + "\n" + json.dumps({"question": "q", "answer": "1"}) + "\n")
+                   + json.dumps({"question": "q", "solution": "s"}) + "\n"
+                   + json.dumps({"question": "q", "answer": "1"}) + "\n")
     with pytest.raises(SystemExit, match="is empty"):
         sdpg.load_examples(str(empty), eval_n=1, seed=0)
     with pytest.raises(SystemExit, match="train row 5 has no 'answer' field"):
