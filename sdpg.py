@@ -262,17 +262,23 @@ def check_args(args: Args) -> None:
 # Device, precision and seeding
 
 
-def pick_device(name: str) -> tuple[torch.device, bool]:
-    """Returns the device and whether to compute in bf16 (CUDA cards that support it)."""
+class Compute(NamedTuple):
+    """Where and in what precision to compute: decided once (pick_device) and passed around as one thing."""
+    device: torch.device
+    bf16: bool  # matmuls in bf16 under autocast (CUDA cards that support it); the weights stay float32
+
+
+def pick_device(name: str) -> Compute:
+    """The device ("auto": CUDA, then MPS, then CPU) and whether to compute in bf16 there."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = torch.device(name)
-    return device, device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return Compute(device, device.type == "cuda" and torch.cuda.is_bf16_supported())
 
 
-def autocast(device: torch.device, bf16: bool):
+def autocast(compute: Compute):
     # Weights stay float32 (AdamW's 1e-6 steps would round away in bf16 weights); matmuls run in bf16.
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device_type=compute.device.type, dtype=torch.bfloat16, enabled=compute.bf16)
 
 
 def seed_everything(seed: int) -> None:
@@ -1188,22 +1194,21 @@ class Rollouts:
 
 
 def collect_rollouts(sampler, tokenizer, examples: list[dict], args: Args, instruction: str, stop_ids: list[int],
-                     device: torch.device, bf16: bool,
-                     templates: tuple[str, str] = DEFAULT_TEMPLATES) -> Rollouts:
+                     compute: Compute, templates: tuple[str, str] = DEFAULT_TEMPLATES) -> Rollouts:
     """Samples G answers for each example in one generate call and scores them with the verifier."""
     G = args.group_size
     texts = [prompt_texts(ex, instruction, templates) for ex in examples]
     student = [encode_prompt(tokenizer, s) for s, _ in texts for _ in range(G)]  # N lists, G copies each
     teacher = [encode_prompt(tokenizer, t) for _, t in texts for _ in range(G)]
-    prompt_ids, prompt_mask = left_pad(student, tokenizer.pad_token_id, device)  # (N, P)
-    teacher_ids, teacher_mask = left_pad(teacher, tokenizer.pad_token_id, device)  # (N, Pc)
+    prompt_ids, prompt_mask = left_pad(student, tokenizer.pad_token_id, compute.device)  # (N, P)
+    teacher_ids, teacher_mask = left_pad(teacher, tokenizer.pad_token_id, compute.device)  # (N, Pc)
     sampler.eval()
-    with autocast(device, bf16):
+    with autocast(compute):
         response_ids, response_mask = generate(sampler, prompt_ids, prompt_mask, args.max_new_tokens,
                                                args.temperature, args.top_p, stop_ids, tokenizer.pad_token_id)
     completions = decode_responses(tokenizer, response_ids, response_mask)
     golds = [ex["answer"] for ex in examples for _ in range(G)]
-    correct = torch.tensor([math_reward(c, g) for c, g in zip(completions, golds)], device=device)  # (N,)
+    correct = torch.tensor([math_reward(c, g) for c, g in zip(completions, golds)], device=compute.device)  # (N,)
     rewards = shaped_reward(correct, response_mask.sum(dim=1), args.wrong_reward, args.max_new_tokens,
                             args.overlong_buffer)  # (N,)
     return Rollouts(prompt_ids, prompt_mask, teacher_ids, teacher_mask, response_ids, response_mask,
@@ -1218,12 +1223,13 @@ class TokenTerms(NamedTuple):
     entropy: Tensor  # H(p_t), a metric
 
 
-def score(model, ref_model, rb: Rollouts, rows: slice, use_teacher: bool, args: Args, device, bf16) -> TokenTerms:
+def score(model, ref_model, rb: Rollouts, rows: slice, use_teacher: bool, args: Args,
+          compute: Compute) -> TokenTerms:
     """Student (with grad if enabled), teacher and reference terms for rows of the batch."""
     mask = rb.response_mask[rows]  # (n, L)
     targets = rb.response_ids[rows][mask.bool()]  # (M,) real response tokens, flattened
     lm_head = model.get_output_embeddings()
-    with autocast(device, bf16), whole_root(model), whole_root(ref_model):
+    with autocast(compute), whole_root(model), whole_root(ref_model):
         h_teacher = None
         if use_teacher:
             with torch.no_grad():  # the teacher is the current model, stop-gradient
@@ -1246,15 +1252,15 @@ def score(model, ref_model, rb: Rollouts, rows: slice, use_teacher: bool, args: 
 
 
 def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: float, args: Args,
-                  device, bf16) -> dict:
+                  compute: Compute) -> dict:
     """--updates-per-batch optimiser steps on one batch of rollouts, micro-batched."""
     model.train()
     N, G = rb.response_ids.shape[0], args.group_size
     use_teacher = args.beta > 0
     if args.updates_per_batch > 1:  # the rollout policy's log-probs, for the ratio rho (Appendix A.3)
         with torch.no_grad():
-            rb.old_logp = torch.cat([score(model, None, rb, slice(i, i + args.micro_batch), False, args, device,
-                                           bf16).logp for i in range(0, N, args.micro_batch)])  # (N, L)
+            rb.old_logp = torch.cat([score(model, None, rb, slice(i, i + args.micro_batch), False, args,
+                                           compute).logp for i in range(0, N, args.micro_batch)])  # (N, L)
     sums = dict(loss=0.0, kl_distill=0.0, kl_ref=0.0, entropy=0.0, grad_norm=0.0, skipped_updates=0)
     per_update = N // args.updates_per_batch  # whole groups, checked in check_args()
     for u in range(0, N, per_update):
@@ -1263,7 +1269,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
         update_loss = 0.0
         for i in range(u, u + per_update, args.micro_batch):
             rows = slice(i, min(i + args.micro_batch, u + per_update))
-            logp, kl, ref_logp, entropy = score(model, ref_model, rb, rows, use_teacher, args, device, bf16)
+            logp, kl, ref_logp, entropy = score(model, ref_model, rb, rows, use_teacher, args, compute)
             old_logp = logp.detach() if rb.old_logp is None else rb.old_logp[rows]
             w = weights[rows.start - u:rows.stop - u]  # (n, L)
             loss = sdpg_loss(logp, old_logp, kl, ref_logp, rb.advantages[rows], w, beta_k, args.alpha,
@@ -1317,8 +1323,8 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def start_distributed(args: Args) -> tuple[torch.device, bool]:
-    """Joins the process group when started by torchrun; returns the device and bf16, as pick_device.
+def start_distributed(args: Args) -> Compute:
+    """Joins the process group when started by torchrun; returns where to compute, as pick_device.
     Each rank computes on its own GPU (cuda:LOCAL_RANK) and talks over NCCL; on CPUs it uses gloo."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         if args.fsdp:
@@ -1337,7 +1343,7 @@ def start_distributed(args: Args) -> tuple[torch.device, bool]:
     if dist.get_rank() > 0:  # only rank 0 prints; errors still reach stderr
         sys.stdout = open(os.devnull, "w")
     check_world(args, world)
-    return device, bf16
+    return Compute(device, bf16)
 
 
 def check_world(args: Args, world: int) -> None:
@@ -1542,7 +1548,7 @@ def all_rng_states() -> list[dict]:
 
 
 def evaluate(model, tokenizer, examples: list[dict], instruction: str, stop_ids: list[int], max_new_tokens: int,
-             batch_size: int, device, bf16, samples: int = 1, temperature: float = 0.0,
+             batch_size: int, compute: Compute, samples: int = 1, temperature: float = 0.0,
              templates: tuple[str, str] = DEFAULT_TEMPLATES) -> list[float]:
     """Per question, the fraction of its `samples` answers at `temperature` that the verifier accepts.
     With the defaults (one greedy answer) each is 1.0 or 0.0 and their mean is greedy pass@1; with
@@ -1553,8 +1559,8 @@ def evaluate(model, tokenizer, examples: list[dict], instruction: str, stop_ids:
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
         ids, mask = left_pad([encode_prompt(tokenizer, prompt_texts(ex, instruction, templates)[0]) for ex in batch],
-                             tokenizer.pad_token_id, device)
-        with autocast(device, bf16):
+                             tokenizer.pad_token_id, compute.device)
+        with autocast(compute):
             resp, resp_mask = generate(model, ids, mask, max_new_tokens, temperature, 1.0, stop_ids,
                                        tokenizer.pad_token_id)
         texts = decode_responses(tokenizer, resp, resp_mask)
@@ -1563,7 +1569,7 @@ def evaluate(model, tokenizer, examples: list[dict], instruction: str, stop_ids:
 
 
 def evaluation_metrics(model, tokenizer, held_out: list[dict], instruction: str, templates: tuple[str, str],
-                       stop_ids: list[int], args: Args, device, bf16) -> dict:
+                       stop_ids: list[int], args: Args, compute: Compute) -> dict:
     """eval_accuracy (greedy pass@1) and, with --eval-samples K, eval_mean_at_k (mean@K). Under torchrun each
     rank answers every world-th question and the sums are added up."""
     batch = args.batch_prompts * args.group_size
@@ -1571,14 +1577,14 @@ def evaluation_metrics(model, tokenizer, held_out: list[dict], instruction: str,
 
     def fraction_right(k: int, temperature: float) -> float:  # over all ranks' questions
         mine = evaluate(model, tokenizer, held_out[rank::world], instruction, stop_ids, args.max_new_tokens, batch,
-                        device, bf16, k, temperature, templates)
+                        compute, k, temperature, templates)
         return global_sum({"right": sum(mine)})["right"] / len(held_out)
 
     row = {"eval_accuracy": fraction_right(1, 0.0)}
     if args.eval_samples:
         # The same seed at every evaluation, in a forked RNG: the training run stays the one it would
         # be without this evaluation, and the mean@K of two steps is drawn with the same noise.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[compute.device] if compute.device.type == "cuda" else []):
             torch.manual_seed(args.seed + rank)
             row["eval_mean_at_k"] = fraction_right(args.eval_samples, args.eval_temperature)
     return row
@@ -1658,6 +1664,29 @@ def restore_checkpoint(path: str, model, optimizer, scheduler, order: random.Ran
     return state
 
 
+def save_training_checkpoint(args: Args, model, tokenizer, optimizer, scheduler, trainer_state: dict) -> str:
+    """checkpoint-STEP/ with everything --resume needs (trainer_state: step, data order and position, the
+    count of skipped steps), written by rank 0; only the newest --keep-checkpoints are kept."""
+    path = os.path.join(args.output_dir, f"checkpoint-{trainer_state['step']}")
+    rngs = all_rng_states()
+    state = {**trainer_state, "optimizer": optimizer_state(model, optimizer), "scheduler": scheduler.state_dict(),
+             "rng": rngs[0], **({"rng_by_rank": rngs} if len(rngs) > 1 else {})}
+    on_rank_zero(save_checkpoint, model, tokenizer, path, state, full_model_state(model))
+    for old in checkpoints(args.output_dir)[:-args.keep_checkpoints] if rank_and_world()[0] == 0 else []:
+        shutil.rmtree(old)
+    return path
+
+
+def open_run_files(args: Args, first_step: int):
+    """Writes config.json and opens metrics.jsonl for appending from first_step on (rank 0; the other ranks
+    write nowhere)."""
+    if rank_and_world()[0] > 0:
+        return open(os.devnull, "w")
+    with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=2)
+    return open_metrics(os.path.join(args.output_dir, "metrics.jsonl"), first_step)
+
+
 def log_row(metrics_file, row: dict) -> None:
     """One JSON line per step, flushed at once so that a hard kill loses at most the row being written."""
     metrics_file.write(json.dumps(row) + "\n")
@@ -1725,16 +1754,10 @@ def check_output_head(model, tokenizer, device: torch.device) -> None:
 # main: wiring only.
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    templates = read_templates(args.student_template, args.teacher_template)
-    from huggingface_hub.utils import logging as hub_logging
-    hub_logging.set_verbosity_error()  # no retry warnings: a failed download is reported in one line
-    device, bf16 = start_distributed(args)  # pick_device(), and the process group under torchrun
-    rank, world = rank_and_world()
-    seed_everything(args.seed + rank)  # each rank samples its own answers; the data order below is shared
-    resume_from = on_rank_zero(prepare_output_dir, args)
-    check_shared_output_dir(args.output_dir)
+def build_models(args: Args, compute: Compute):
+    """The policy (trained, float32), the frozen reference (None when --alpha 0), the sampler, the tokenizer
+    and the stop ids, on the device; with --fsdp the policy and the reference are sharded."""
+    device, bf16 = compute
     model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"error: the tokenizer of {args.model} has no EOS token, so answers could never end")
@@ -1753,6 +1776,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.fsdp:
         model = shard_model(model)
         ref_model = shard_model(ref_model) if ref_model is not None else None
+    return model, ref_model, sampler, tokenizer, stop_ids
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    templates = read_templates(args.student_template, args.teacher_template)
+    from huggingface_hub.utils import logging as hub_logging
+    hub_logging.set_verbosity_error()  # no retry warnings: a failed download is reported in one line
+    compute = start_distributed(args)  # pick_device(), and the process group under torchrun
+    device, bf16 = compute
+    rank, world = rank_and_world()
+    seed_everything(args.seed + rank)  # each rank samples its own answers; the data order below is shared
+    resume_from = on_rank_zero(prepare_output_dir, args)
+    check_shared_output_dir(args.output_dir)
+    model, ref_model, sampler, tokenizer, stop_ids = build_models(args, compute)
     train, held_out = load_examples(args.dataset, args.eval_n, args.seed, args.question_field, args.answer_field,
                                     args.solution_field)
     instruction = args.instruction
@@ -1768,23 +1806,8 @@ def main(argv: list[str] | None = None) -> None:
         state = restore_checkpoint(resume_from, model, optimizer, scheduler, order)
         queue, start_step, bad_in_a_row = state["queue"], state["step"] + 1, state["bad_in_a_row"]
 
-    def checkpoint_now(step: int) -> str:
-        path = os.path.join(args.output_dir, f"checkpoint-{step}")
-        rngs = all_rng_states()
-        state = {"step": step, "optimizer": optimizer_state(model, optimizer), "scheduler": scheduler.state_dict(),
-                 "order": order.getstate(), "queue": queue, "bad_in_a_row": bad_in_a_row, "rng": rngs[0],
-                 **({"rng_by_rank": rngs} if world > 1 else {})}
-        on_rank_zero(save_checkpoint, model, tokenizer, path, state, full_model_state(model))
-        for old in checkpoints(args.output_dir)[:-args.keep_checkpoints] if rank == 0 else []:
-            shutil.rmtree(old)
-        return path
-
-    if rank == 0:
-        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
     # Without a checkpoint the run starts again at step 0, whose evaluation row is logged again.
-    metrics_file = open_metrics(os.path.join(args.output_dir, "metrics.jsonl"), start_step if resume_from else 0) \
-        if rank == 0 else open(os.devnull, "w")
+    metrics_file = open_run_files(args, start_step if resume_from else 0)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.model} ({n_params / 1e6:.1f}M parameters) | dataset {args.dataset} ({len(train)} train, "
           f"{len(held_out)} held out) | device {device}{' bf16' if bf16 else ''}{f' x {world}' if world > 1 else ''} "
@@ -1792,7 +1815,7 @@ def main(argv: list[str] | None = None) -> None:
           + (f" | resuming at step {start_step}" if resume_from else ""))
 
     def evaluate_now() -> dict:
-        return evaluation_metrics(sampler, tokenizer, held_out, instruction, templates, stop_ids, args, device, bf16)
+        return evaluation_metrics(sampler, tokenizer, held_out, instruction, templates, stop_ids, args, compute)
 
     if start_step == 1:
         row = {"step": 0, **evaluate_now()}
@@ -1807,9 +1830,9 @@ def main(argv: list[str] | None = None) -> None:
             batch, queue = next_batch(queue, order, len(train), args.batch_prompts)
             examples = [train[i] for i in rank_share(batch, args.updates_per_batch, rank, world)]
             refresh_sampler(sampler, model)
-            rb = collect_rollouts(sampler, tokenizer, examples, args, instruction, stop_ids, device, bf16, templates)
+            rb = collect_rollouts(sampler, tokenizer, examples, args, instruction, stop_ids, compute, templates)
             beta_k = beta_schedule(step, args.steps, args.beta, args.beta_warmup, args.beta_decay)
-            sums = policy_update(model, ref_model, optimizer, scheduler, rb, beta_k, args, device, bf16)
+            sums = policy_update(model, ref_model, optimizer, scheduler, rb, beta_k, args, compute)
             row = {"step": step, "reward_mean": rb.rewards.mean().item(), **sums, "beta": beta_k,
                    "gate_frac": (rb.advantages > 0).float().mean().item(),
                    "response_len": rb.response_mask.sum(1).float().mean().item(),
@@ -1824,12 +1847,13 @@ def main(argv: list[str] | None = None) -> None:
             if bad_in_a_row >= 3:
                 raise SystemExit(f"error: the loss or gradient was NaN/inf in {bad_in_a_row} steps in a row (those "
                                  f"updates were skipped; the weights are intact). Try a lower --lr.")
+            trainer_state = {"step": step, "order": order.getstate(), "queue": queue, "bad_in_a_row": bad_in_a_row}
             if any_rank(bool(stop)):
-                path = checkpoint_now(step)
+                path = save_training_checkpoint(args, model, tokenizer, optimizer, scheduler, trainer_state)
                 print(f"saved {path}. To continue: python sdpg.py <the same flags> --resume")
                 return
             if args.save_every and step % args.save_every == 0 and step != args.steps:
-                checkpoint_now(step)
+                save_training_checkpoint(args, model, tokenizer, optimizer, scheduler, trainer_state)
     on_rank_zero(save_checkpoint, model, tokenizer, os.path.join(args.output_dir, "final"), None,
                  full_model_state(model))
     print(f"done: final model in {os.path.join(args.output_dir, 'final')}")

@@ -332,7 +332,8 @@ def test_teacher_scores_exactly_the_sampled_ids():
     model = sdpg.build_tiny_model(tok, seed=1)
     args = sdpg.parse_args(["--model", "tiny", "--group-size", "3", "--max-new-tokens", "6"])
     examples = sdpg.toy_examples(2, seed=0)
-    rb = sdpg.collect_rollouts(model, tok, examples, args, "", [tok.eos_token_id], torch.device("cpu"), False)
+    cpu = sdpg.Compute(torch.device("cpu"), False)
+    rb = sdpg.collect_rollouts(model, tok, examples, args, "", [tok.eos_token_id], cpu)
     # both prompts went through the chat template, the teacher's with the privileged context
     assert tok.decode(rb.prompt_ids[0][rb.prompt_mask[0].bool()]).startswith("user: ")
     teacher_text = tok.decode(rb.teacher_ids[0][rb.teacher_mask[0].bool()])
@@ -921,7 +922,7 @@ def test_mean_at_k_averages_each_questions_k_answers(tiny, monkeypatch):
     said = ["2", "2", "9", "4", "0", "0", "1", "6", "1"]  # row j: question j // 3, sample j % 3
     calls = []
     monkeypatch.setattr(sdpg, "generate", _fake_generate(tok, said, calls))
-    acc = sdpg.evaluate(model, tok, examples, "", [tok.eos_token_id], 2, 4, torch.device("cpu"), False,
+    acc = sdpg.evaluate(model, tok, examples, "", [tok.eos_token_id], 2, 4, sdpg.Compute(torch.device("cpu"), False),
                         samples=3, temperature=0.7)
     assert acc == pytest.approx([2 / 3, 1 / 3, 1 / 3])
     assert calls == [(4, 0.7), (4, 0.7), (1, 0.7)]  # K copies of each question, sampled at T
@@ -944,10 +945,10 @@ def test_mean_at_k_at_k1_t0_equals_greedy_accuracy(tiny, monkeypatch):
     args = sdpg.parse_args(["--model", "tiny", "--batch-prompts", "2", "--group-size", "2", "--eval-samples", "1",
                             "--eval-temperature", "0"])
     row = sdpg.evaluation_metrics(model, tok, held_out, "", sdpg.DEFAULT_TEMPLATES, [tok.eos_token_id], args,
-                                  torch.device("cpu"), False)
+                                  sdpg.Compute(torch.device("cpu"), False))
     assert 0 < sum(greedy) < 12 and row == {"eval_accuracy": sum(greedy) / 12, "eval_mean_at_k": sum(greedy) / 12}
     # K greedy answers to a question are K copies of the one
-    assert sdpg.evaluate(model, tok, held_out, "", [tok.eos_token_id], 2, 5, torch.device("cpu"), False,
+    assert sdpg.evaluate(model, tok, held_out, "", [tok.eos_token_id], 2, 5, sdpg.Compute(torch.device("cpu"), False),
                          samples=3, temperature=0.0) == greedy
 
 
@@ -1048,7 +1049,7 @@ def test_prompt_templates_from_files(tmp_path, tiny):
     model, tok = tiny
     args = sdpg.parse_args(["--model", "tiny", "--group-size", "2"])
     rb = sdpg.collect_rollouts(model, tok, sdpg.toy_examples(1, seed=0), args, "", [tok.eos_token_id],
-                               torch.device("cpu"), False, templates)
+                               sdpg.Compute(torch.device("cpu"), False), templates)
     assert tok.decode(rb.teacher_ids[0][rb.teacher_mask[0].bool()]).startswith("q: ")
     for student, teacher, message in [("{question} {answer}", None, r"--student-template has unknown slot \{answer\}"),
                                       (None, "{question} {hint}", r"--teacher-template has unknown slot \{hint\}"),
@@ -1118,10 +1119,10 @@ def _updates_with_a_spy(lr_warmup=1):
                             "--micro-batch", "3", "--beta", "0.5", "--alpha", "0.1", "--max-new-tokens", "5",
                             "--temperature", "1.5", "--max-grad-norm", "1e9", "--lr-warmup", str(lr_warmup)])
     ref = sdpg.frozen_copy(model, torch.float32)
-    cpu = torch.device("cpu")
+    cpu = sdpg.Compute(torch.device("cpu"), False)
     torch.manual_seed(0)
     rb = sdpg.collect_rollouts(model, tok, sdpg.toy_examples(4, seed=1), args, "", sdpg.stop_token_ids(model, tok),
-                               cpu, False)
+                               cpu)
     rb.advantages = sdpg.group_advantages(torch.tensor([1.0, 0, 0, 1, 1, 0, 0.5, 0]), 2)
     optimizer, scheduler = sdpg.build_optimizer(model, args)
     seen = []
@@ -1132,7 +1133,7 @@ def _updates_with_a_spy(lr_warmup=1):
                          lr=optimizer.param_groups[0]["lr"]))
 
     optimizer.register_step_pre_hook(spy)
-    sums = sdpg.policy_update(model, ref, optimizer, scheduler, rb, 0.5, args, cpu, False)
+    sums = sdpg.policy_update(model, ref, optimizer, scheduler, rb, 0.5, args, cpu)
     return seen, sums, (model, ref, rb, args, cpu)
 
 
@@ -1142,7 +1143,7 @@ def _rollout_logp(weights, parts):
     first = sdpg.frozen_copy(model, torch.float32)
     first.load_state_dict(weights)
     with torch.no_grad():
-        return sdpg.score(first, None, rb, slice(0, 8), False, args, cpu, False).logp
+        return sdpg.score(first, None, rb, slice(0, 8), False, args, cpu).logp
 
 
 def _update_from_scratch(weights, rows, old_logp, parts):
@@ -1154,7 +1155,7 @@ def _update_from_scratch(weights, rows, old_logp, parts):
     for p in model.parameters():
         p.requires_grad_(True)
     model.train()
-    logp, kl, ref_logp, entropy = sdpg.score(model, ref, rb, rows, True, args, cpu, False)
+    logp, kl, ref_logp, entropy = sdpg.score(model, ref, rb, rows, True, args, cpu)
     w = sdpg.token_weights(rb.response_mask[rows], 2)
     loss = sdpg.sdpg_loss(logp, old_logp[rows], kl, ref_logp, rb.advantages[rows], w, 0.5, 0.1, "urkl")
     loss.backward()
@@ -1992,7 +1993,7 @@ def _updates_on_fixed_rollouts(flags: list[str], steps: int = 3) -> dict:
     optimizer.register_step_pre_hook(record)
     for step in range(1, steps + 1):
         rb = _rank_rows(_fixed_rollouts(step, args, len(tok)), args, rank, world)
-        sdpg.policy_update(model, ref, optimizer, scheduler, rb, 0.5, args, torch.device("cpu"), False)
+        sdpg.policy_update(model, ref, optimizer, scheduler, rb, 0.5, args, sdpg.Compute(torch.device("cpu"), False))
     return {"grad": first_grad, "weights": [sdpg.whole(p).detach().double().clone() for p in model.parameters()]}
 
 

@@ -198,7 +198,8 @@ def update_row(model, rb, opts, mode, grad_ckpt, device, bf16) -> dict:
     def work():
         ref, opt, sched = make_trainer(model, args, bf16)
         free_and_reset_peak(device)
-        step = lambda: sdpg.policy_update(model, ref, opt, sched, rb, args.beta, args, device, bf16)  # noqa: E731
+        compute = sdpg.Compute(device, bf16)
+        step = lambda: sdpg.policy_update(model, ref, opt, sched, rb, args.beta, args, compute)  # noqa: E731
         times = [timed(step, device)[0] for _ in range(1 + opts.steps)]  # the first warms up, makes AdamW's state
         return dict(time_s=statistics.median(times[1:]), peak_gib=peak_gib(device), answer_tokens=opts.response_len)
 
@@ -211,18 +212,19 @@ def whole_step_row(model, rb, opts, stop_ids, pad_id, device, bf16) -> dict:
 
     def work():
         ref, opt, sched = make_trainer(model, args, bf16)
-        sdpg.policy_update(model, ref, opt, sched, rb, args.beta, args, device, bf16)  # AdamW state, as from step 2
+        compute = sdpg.Compute(device, bf16)
+        sdpg.policy_update(model, ref, opt, sched, rb, args.beta, args, compute)  # AdamW state, as from step 2
         free_and_reset_peak(device)
 
         sampler = sdpg.make_sampler(model, bf16)  # as sdpg.main: a bf16 copy on CUDA
 
         def step():  # what collect_rollouts + policy_update do, minus tokenising and the verifier
             sdpg.refresh_sampler(sampler, model)
-            with sdpg.autocast(device, bf16):
+            with sdpg.autocast(compute):
                 resp, mask = sdpg.generate(sampler, rb.prompt_ids, rb.prompt_mask, args.max_new_tokens,
                                            args.temperature, args.top_p, stop_ids, pad_id)
             sdpg.policy_update(model, ref, opt, sched, dataclasses.replace(rb, response_ids=resp, response_mask=mask),
-                               args.beta, args, device, bf16)
+                               args.beta, args, compute)
             return mask.sum(dim=1).float().mean().item()
 
         # Random weights at the tiny shape's 58-id vocabulary do sample the stop id: answers end early there.
@@ -329,7 +331,7 @@ def jitter_rows(model, opts, vocab, stop_ids, pad_id, device, bf16) -> list[dict
             (gc.enable if collector == "on" else gc.disable)()
             watcher.start()
             try:
-                with sdpg.autocast(device, bf16):
+                with sdpg.autocast(sdpg.Compute(device, bf16)):
                     sampler.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T, do_sample=True, top_k=0,
                                      eos_token_id=stop_ids, pad_token_id=pad_id, logits_processor=[clock])
             finally:

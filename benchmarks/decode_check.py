@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     check("after refresh_sampler the graph decodes with the new weights", torch.equal(new_graph, new_eager))
     check("and its answers changed", not torch.equal(new_graph, greedy_graph))
 
-    with sdpg.autocast(device, bf16):
+    with sdpg.autocast(sdpg.Compute(device, bf16)):
         theirs, _ = sdpg.hf_generate(sampler, ids, mask, T, 0.0, 1.0, stop_ids, pad_id)
     same_rows = (new_graph[:, :theirs.shape[1]] == theirs).all(dim=1)  # (N,)
     results["rows_equal_to_model_generate"] = same_rows.float().mean().item()

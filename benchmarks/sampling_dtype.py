@@ -39,7 +39,7 @@ def ms_per_step(model, ids: torch.Tensor, new_tokens: int, autocast: bool, stop:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with sdpg.autocast(device, autocast):
+    with sdpg.autocast(sdpg.Compute(device, autocast)):
         response, _ = sdpg.generate(model, ids, torch.ones_like(ids), new_tokens, 1.0, 1.0, [stop], 0)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -43,7 +43,7 @@ def recheck(run_dir: str) -> dict:
     stop_ids = sdpg.stop_token_ids(model, tokenizer)  # final/ keeps the run's generation config
     sampler = sdpg.make_sampler(model.to(device), bf16)  # evaluated as in the run: the sampler copy
     correct = sdpg.evaluate(sampler, tokenizer, held_out, args.instruction, stop_ids, args.max_new_tokens,
-                            args.batch_prompts * args.group_size, device, bf16,
+                            args.batch_prompts * args.group_size, sdpg.Compute(device, bf16),
                             templates=sdpg.read_templates(args.student_template, args.teacher_template))
     met = questions_met(train, args)
     unseen = [c for c, ex in zip(correct, held_out) if ex["question"] not in met]
