@@ -21,16 +21,7 @@ python3 benchmarks/bench_sdpg.py --shape qwen2.5-0.5b --chunk-size 128 --skip-ro
 python3 benchmarks/bench_sdpg.py --shape qwen2.5-1.5b --skip-rollout --json "$out/bench_1.5b.json" 2>&1 \
   | tee "$out/bench_1.5b.md"
 
-python3 - <<'PY'
-import sdpg
-from transformers import AutoModelForCausalLM, Qwen2Config
-tok = sdpg.build_char_tokenizer()
-config = Qwen2Config(vocab_size=len(tok), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                     tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-AutoModelForCausalLM.from_config(config).save_pretrained("/tmp/qwen-shape")
-tok.save_pretrained("/tmp/qwen-shape")
-PY
+python3 benchmarks/save_shape.py /tmp/qwen-shape
 python3 sdpg.py --model /tmp/qwen-shape --dataset toy --steps 4 --batch-prompts 8 --max-new-tokens 64 \
   --eval-n 16 --eval-every 2 --save-every 2 --gradient-checkpointing --output-dir "$out/e2e" 2>&1 \
   | tr "\r" "\n" | grep -v "it/s\]" | tee "$out/e2e.log"

@@ -30,16 +30,7 @@ if [ "$dry" = 1 ]; then
   model=(--model tiny --device cpu --steps 2 --batch-prompts 4 --group-size 4 --eval-n 8)
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 - <<'PY'
-import sdpg
-from transformers import AutoModelForCausalLM, Qwen2Config
-tok = sdpg.build_char_tokenizer()
-config = Qwen2Config(vocab_size=len(tok), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                     tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-AutoModelForCausalLM.from_config(config).save_pretrained("/tmp/qwen-shape")
-tok.save_pretrained("/tmp/qwen-shape")
-PY
+  python3 benchmarks/save_shape.py /tmp/qwen-shape
   model=(--model /tmp/qwen-shape --dataset toy --steps 3 --batch-prompts 8 --max-new-tokens 64 --eval-n 16
          --gradient-checkpointing)
 fi

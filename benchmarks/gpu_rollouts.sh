@@ -25,10 +25,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 if [ "$dry" = "--dry-run" ]; then
   shape=(--shape tiny --device cpu --prompt-len 8 --context-len 8 --response-len 16 --rollout-answers 4 8
-         --rollout-tokens 8 16 --rollout-prompt-lens 5 9 --steps 1); dims=(--hidden 64 --layers 2 --heads 4)
+         --rollout-tokens 8 16 --rollout-prompt-lens 5 9 --steps 1)
+  dims=(--hidden 64 --intermediate 341 --layers 2 --heads 4)
   sd=(--answers 2 --repeats 1 --new-tokens 4); steps=(--steps 2 --max-new-tokens 8)
 else
-  shape=(--shape qwen2.5-0.5b); dims=(--hidden 896 --layers 24 --heads 14)
+  shape=(--shape qwen2.5-0.5b); dims=(--hidden 896 --intermediate 4778 --layers 24 --heads 14)
   sd=(--answers 16 128 --repeats 3 --new-tokens 256); steps=(--steps 4 --max-new-tokens 64)
 fi
 
@@ -37,17 +38,7 @@ echo "== 1. decode check"; timeout 120 python3 benchmarks/decode_check.py --json
 echo "== 2. benchmark"; timeout 330 python3 benchmarks/bench_sdpg.py "${shape[@]}" --skip-update --jitter \
   --json "$out/bench_rollouts.json" 2>&1 | tee "$out/bench_rollouts.md"
 echo "== 3. end to end"
-python3 - "${dims[@]}" <<'PY'
-import sys, sdpg
-from transformers import AutoModelForCausalLM, Qwen2Config
-h, layers, heads = (int(sys.argv[i]) for i in (2, 4, 6))
-tok = sdpg.build_char_tokenizer()
-config = Qwen2Config(vocab_size=len(tok), hidden_size=h, intermediate_size=h * 16 // 3, num_hidden_layers=layers,
-                     num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=32768,
-                     tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-AutoModelForCausalLM.from_config(config).save_pretrained("/tmp/qwen-shape")
-tok.save_pretrained("/tmp/qwen-shape")
-PY
+python3 benchmarks/save_shape.py /tmp/qwen-shape "${dims[@]}"
 timeout 120 python3 sdpg.py --model /tmp/qwen-shape --dataset toy "${steps[@]}" --batch-prompts 8 --eval-n 16 \
   --eval-every 2 --save-every 2 --gradient-checkpointing --output-dir "$out/e2e" --overwrite 2>&1 \
   | tr "\r" "\n" | grep -v "it/s\]" | tee "$out/e2e.log"
