@@ -1443,13 +1443,11 @@ def check_shared_output_dir(output_dir: str) -> None:
     marker = os.path.join(output_dir, name[0])
     if rank == 0:
         open(marker, "w").close()
-    dist.barrier()
-    seen = torch.tensor([os.path.exists(marker)], dtype=torch.float64,
-                        device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+    dist.barrier()  # the marker exists before anyone looks
+    missing_somewhere = any_rank(not os.path.exists(marker))
     if rank == 0:
         os.remove(marker)
-    if not seen.item():
+    if missing_somewhere:
         raise SystemExit(f"error: not every process can see --output-dir {output_dir}: with several nodes it must "
                          f"be on a shared filesystem (rank 0 writes the checkpoints, every rank reads them)")
 
