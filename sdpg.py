@@ -347,8 +347,10 @@ def load_model(name: str, seed: int, trust_remote_code: bool = False):
     if name == "tiny":
         tokenizer = build_char_tokenizer()
         return build_tiny_model(tokenizer, seed), tokenizer
+    from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    hub_logging.set_verbosity_error()  # no retry warnings: a failed download is reported in one line
     repo = resolve_model_name(name)
     if name.startswith((".", "/", "~")) and not os.path.isdir(name):
         raise SystemExit(f"error: no such model directory: {name}")
@@ -1308,6 +1310,32 @@ def build_optimizer(model: nn.Module, args: Args):
     return optimizer, scheduler
 
 
+def training_step(step: int, examples: list[dict], model, ref_model, sampler, tokenizer, optimizer, scheduler,
+                  stop_ids: list[int], args: Args, compute: Compute, templates: tuple[str, str]) -> dict:
+    """Training step k (1-based) on this rank's examples: sample G answers to each with the current
+    weights, score them with the verifier, update. Returns the step's metrics row (means over ranks)."""
+    t0 = time.time()
+    refresh_sampler(sampler, model)  # on-policy: the answers come from the weights being trained
+    rb = collect_rollouts(sampler, tokenizer, examples, args, args.instruction, stop_ids, compute, templates)
+    beta_k = beta_schedule(step, args.steps, args.beta, args.beta_warmup, args.beta_decay)
+    sums = policy_update(model, ref_model, optimizer, scheduler, rb, beta_k, args, compute)
+    row = {"step": step, "reward_mean": rb.rewards.mean().item(), **sums, "beta": beta_k,
+           "gate_frac": (rb.advantages > 0).float().mean().item(),
+           "response_len": rb.response_mask.sum(1).float().mean().item(),
+           "lr": scheduler.get_last_lr()[0], "time_s": time.time() - t0}
+    row.update(global_mean({k: row[k] for k in ("reward_mean", "gate_frac", "response_len")}))
+    return row
+
+
+def count_bad_steps(bad_in_a_row: int, skipped_updates: int) -> int:
+    """Steps in a row with a skipped (NaN/inf) update; the third in a row stops the run."""
+    bad_in_a_row = bad_in_a_row + 1 if skipped_updates else 0
+    if bad_in_a_row >= 3:
+        raise SystemExit(f"error: the loss or gradient was NaN/inf in {bad_in_a_row} steps in a row (those "
+                         f"updates were skipped; the weights are intact). Try a lower --lr.")
+    return bad_in_a_row
+
+
 # -----------------------------------------------------------------------------
 # More than one process: `torchrun --nproc-per-node N sdpg.py ...` runs N copies of this file, one per
 # GPU (rank), which talk through torch.distributed. Plain data parallel: every rank holds the whole
@@ -1780,10 +1808,7 @@ def build_models(args: Args, compute: Compute):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     templates = read_templates(args.student_template, args.teacher_template)
-    from huggingface_hub.utils import logging as hub_logging
-    hub_logging.set_verbosity_error()  # no retry warnings: a failed download is reported in one line
     compute = start_distributed(args)  # pick_device(), and the process group under torchrun
-    device, bf16 = compute
     rank, world = rank_and_world()
     seed_everything(args.seed + rank)  # each rank samples its own answers; the data order below is shared
     resume_from = on_rank_zero(prepare_output_dir, args)
@@ -1791,10 +1816,9 @@ def main(argv: list[str] | None = None) -> None:
     model, ref_model, sampler, tokenizer, stop_ids = build_models(args, compute)
     train, held_out = load_examples(args.dataset, args.eval_n, args.seed, args.question_field, args.answer_field,
                                     args.solution_field)
-    instruction = args.instruction
-    check_prompt_lengths(model, tokenizer, train + held_out, instruction, args.max_new_tokens, args.beta > 0,
+    check_prompt_lengths(model, tokenizer, train + held_out, args.instruction, args.max_new_tokens, args.beta > 0,
                          templates)
-    check_output_head(model, tokenizer, device)
+    check_output_head(model, tokenizer, compute.device)
 
     optimizer, scheduler = build_optimizer(model, args)
     order = random.Random(args.seed)  # data order: a reshuffle of the training set per epoch
@@ -1803,48 +1827,30 @@ def main(argv: list[str] | None = None) -> None:
     if resume_from:
         state = restore_checkpoint(resume_from, model, optimizer, scheduler, order)
         queue, start_step, bad_in_a_row = state["queue"], state["step"] + 1, state["bad_in_a_row"]
-
     # Without a checkpoint the run starts again at step 0, whose evaluation row is logged again.
     metrics_file = open_run_files(args, start_step if resume_from else 0)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {args.model} ({n_params / 1e6:.1f}M parameters) | dataset {args.dataset} ({len(train)} train, "
-          f"{len(held_out)} held out) | device {device}{' bf16' if bf16 else ''}{f' x {world}' if world > 1 else ''} "
-          f"| output {args.output_dir}"
-          + (f" | resuming at step {start_step}" if resume_from else ""))
-
-    def evaluate_now() -> dict:
-        return evaluation_metrics(sampler, tokenizer, held_out, instruction, templates, stop_ids, args, compute)
-
+    print(describe_run(args, model, len(train), len(held_out), compute, start_step if resume_from else None))
     if start_step == 1:
-        row = {"step": 0, **evaluate_now()}
+        row = {"step": 0, **evaluation_metrics(sampler, tokenizer, held_out, args.instruction, templates, stop_ids,
+                                               args, compute)}
         log_row(metrics_file, row)
-        print("step 0" + "".join(f" | {k} {v:.3f}" for k, v in row.items() if k != "step"))
+        print(format_row(row))
 
     from tqdm import tqdm
     with catch_interrupts() as stop, metrics_file:
         for step in tqdm(range(start_step, args.steps + 1), desc="sdpg", dynamic_ncols=True,
                          initial=start_step - 1, total=args.steps, disable=rank > 0):
-            t0 = time.time()
             batch, queue = next_batch(queue, order, len(train), args.batch_prompts)
             examples = [train[i] for i in rank_share(batch, args.updates_per_batch, rank, world)]
-            refresh_sampler(sampler, model)
-            rb = collect_rollouts(sampler, tokenizer, examples, args, instruction, stop_ids, compute, templates)
-            beta_k = beta_schedule(step, args.steps, args.beta, args.beta_warmup, args.beta_decay)
-            sums = policy_update(model, ref_model, optimizer, scheduler, rb, beta_k, args, compute)
-            row = {"step": step, "reward_mean": rb.rewards.mean().item(), **sums, "beta": beta_k,
-                   "gate_frac": (rb.advantages > 0).float().mean().item(),
-                   "response_len": rb.response_mask.sum(1).float().mean().item(),
-                   "lr": scheduler.get_last_lr()[0], "time_s": time.time() - t0}
-            row.update(global_mean({k: row[k] for k in ("reward_mean", "gate_frac", "response_len")}))
+            row = training_step(step, examples, model, ref_model, sampler, tokenizer, optimizer, scheduler,
+                                stop_ids, args, compute, templates)
             if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-                refresh_sampler(sampler, model)
-                row.update(evaluate_now())
+                refresh_sampler(sampler, model)  # evaluate the weights after this step's update
+                row.update(evaluation_metrics(sampler, tokenizer, held_out, args.instruction, templates, stop_ids,
+                                              args, compute))
             log_row(metrics_file, row)
             tqdm.write(format_row(row))
-            bad_in_a_row = bad_in_a_row + 1 if sums["skipped_updates"] else 0
-            if bad_in_a_row >= 3:
-                raise SystemExit(f"error: the loss or gradient was NaN/inf in {bad_in_a_row} steps in a row (those "
-                                 f"updates were skipped; the weights are intact). Try a lower --lr.")
+            bad_in_a_row = count_bad_steps(bad_in_a_row, row["skipped_updates"])
             trainer_state = {"step": step, "order": order.getstate(), "queue": queue, "bad_in_a_row": bad_in_a_row}
             if any_rank(bool(stop)):
                 path = save_training_checkpoint(args, model, tokenizer, optimizer, scheduler, trainer_state)
@@ -1857,14 +1863,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"done: final model in {os.path.join(args.output_dir, 'final')}")
 
 
+def describe_run(args: Args, model: nn.Module, n_train: int, n_held_out: int, compute: Compute,
+                 resuming_at: int | None) -> str:
+    """The line printed before training: what runs, on what, and where it writes."""
+    n_params = sum(p.numel() for p in model.parameters())
+    world = rank_and_world()[1]
+    return (f"model {args.model} ({n_params / 1e6:.1f}M parameters) | dataset {args.dataset} ({n_train} train, "
+            f"{n_held_out} held out) | device {compute.device}{' bf16' if compute.bf16 else ''}"
+            f"{f' x {world}' if world > 1 else ''} | output {args.output_dir}"
+            + (f" | resuming at step {resuming_at}" if resuming_at else ""))
+
+
 def format_row(row: dict) -> str:
-    """One fixed-format line per step."""
-    shown = {k: "-" if row.get(k) is None else format(row[k], spec) for k, spec in (
-        ("reward_mean", ".3f"), ("kl_distill", ".4f"), ("kl_ref", ".4f"), ("beta", ".1e"), ("gate_frac", ".2f"),
-        ("entropy", ".3f"), ("response_len", ".1f"), ("time_s", ".2f"))}  # a metric that is off shows as "-"
-    line = (f"step {row['step']:4d} | reward {shown['reward_mean']} | kl_distill {shown['kl_distill']} | "
-            f"kl_ref {shown['kl_ref']} | beta {shown['beta']} | gate {shown['gate_frac']} | "
-            f"entropy {shown['entropy']} | len {shown['response_len']} | {shown['time_s']}s")
+    """One fixed-format line per step; step 0's row holds only the evaluation before training."""
+    line = f"step {row['step']:4d}"
+    if "reward_mean" in row:
+        shown = {k: "-" if row.get(k) is None else format(row[k], spec) for k, spec in (
+            ("reward_mean", ".3f"), ("kl_distill", ".4f"), ("kl_ref", ".4f"), ("beta", ".1e"), ("gate_frac", ".2f"),
+            ("entropy", ".3f"), ("response_len", ".1f"), ("time_s", ".2f"))}  # a metric that is off shows as "-"
+        line += (f" | reward {shown['reward_mean']} | kl_distill {shown['kl_distill']} | "
+                 f"kl_ref {shown['kl_ref']} | beta {shown['beta']} | gate {shown['gate_frac']} | "
+                 f"entropy {shown['entropy']} | len {shown['response_len']} | {shown['time_s']}s")
     return line + "".join(f" | {k} {row[k]:.3f}" for k in ("eval_accuracy", "eval_mean_at_k") if k in row)
 
 

@@ -1802,6 +1802,14 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, tiny, mon
     AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-1")
 
 
+def test_bad_steps_must_come_in_a_row_to_stop_the_run():
+    """A step with a skipped update counts, a good one resets the count, the third bad one in a row stops
+    (guards a count that never resets, which would stop a long run after any three scattered NaNs)."""
+    assert sdpg.count_bad_steps(0, 1) == 1 and sdpg.count_bad_steps(1, 2) == 2 and sdpg.count_bad_steps(2, 0) == 0
+    with pytest.raises(SystemExit, match="NaN/inf in 3 steps in a row"):
+        sdpg.count_bad_steps(2, 1)
+
+
 def test_keep_checkpoints_keeps_the_newest(tmp_path):
     sdpg.main(SMALL_RUN + ["--steps", "6", "--save-every", "1", "--keep-checkpoints", "2",
                            "--output-dir", str(tmp_path)])
@@ -1864,6 +1872,8 @@ def test_format_row_shows_every_metric_and_a_dash_for_one_that_is_off():
     assert sdpg.format_row(row) == ("step    7 | reward 0.500 | kl_distill - | kl_ref 0.0123 | beta 1.0e-03 | "
                                     "gate 0.25 | entropy 1.500 | len 12.0 | 0.46s")
     assert sdpg.format_row({**row, "eval_accuracy": 0.75}).endswith("0.46s | eval_accuracy 0.750")
+    # step 0 is the evaluation before training: no training metrics to show, not a line of dashes
+    assert sdpg.format_row({"step": 0, "eval_accuracy": 0.25}) == "step    0 | eval_accuracy 0.250"
 
 
 def test_bad_dataset_files(tmp_path):
