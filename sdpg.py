@@ -18,6 +18,9 @@ like GRPO, and adds a dense per-token teacher that costs no second model:
 
   L_SDPG = L_out + beta(k) * L_OPD+ + alpha * L_K                                       (Eq. 3.1)
 
+  (L_out: the outcome, policy-gradient term; L_OPD+: on-policy distillation on the positively
+  rewarded answers; L_K: the KL anchor to the frozen initial model.)
+
 Choices made here, each on purpose:
   * The distillation KL is exact: every logit column, not only the sampled token. It is computed
     from the final hidden states in chunks of tokens, with the chunk's logits recomputed in the
@@ -72,8 +75,9 @@ from verifiers import extract_answer, gsm8k_gold, math_reward
 
 # -----------------------------------------------------------------------------
 # Settings. Each field becomes a command-line flag (--batch-prompts for batch_prompts); its help
-# text is the string in `field(metadata=...)`. A default of None means "chosen from the model":
-# one value for a pretrained model on a GPU, another for the tiny offline demo (see PRESETS).
+# text is the string in `field(metadata=...)`. A default of None is filled in by parse_args: from
+# PRESETS (one value for --model tiny, another for every pretrained model), from --steps (the beta
+# windows) or from --dataset (the instruction).
 
 
 def _arg(default, help: str, **kw):
@@ -94,7 +98,8 @@ class Args:
     dataset: str | None = _arg(None, "'gsm8k' (openai/gsm8k, main), 'toy' (a task generated in code), a local "
                                ".jsonl/.json/.parquet file or a Hub id whose fields follow a known layout (GSM8K, "
                                "MATH/NuminaMath, DAPO-Math-17k, problem/answer; README, Settings) or are named by "
-                               "the three flags below [auto: toy for --model tiny, else gsm8k] (paper: DAPO-Math-17k, "
+                               "the three flags below; evaluation uses a Hub dataset's test split, else the last "
+                               "--eval-n rows [auto: toy for --model tiny, else gsm8k] (paper: DAPO-Math-17k, "
                                "English part, with worked solutions they generated)")
     question_field: str | None = _arg(None, "field holding the question; a dotted path such as extra_info.problem "
                                       "reaches inside a record, a list of chat messages gives its last user message "
@@ -141,8 +146,8 @@ class Args:
                       "FSDP2 (per decoder layer and the root), for a model that does not fit one GPU with AdamW "
                       "(README: More than one GPU); the sampler stays a whole copy on every GPU")
     # SDPG terms
-    beta: float = _arg(1e-3, "beta_base, weight of the gated self-distillation KL; 0 gives the "
-                       "RPG/GRPO-style baseline and skips the teacher forward (paper: 1e-3)")
+    beta: float = _arg(1e-3, "beta_base, weight of the gated self-distillation KL; 0 gives the paper's plain "
+                       "policy-gradient baseline (GRPO-style) and skips the teacher forward (paper: 1e-3)")
     gate: bool = _arg(True, "positive-advantage gate m_i = 1[A_i > 0] (Eq. 3.5): distil only answers that beat "
                       "their group; --no-gate distils every answer (paper: on; released script: off)")
     beta_warmup: int | None = _arg(None, "T_warm, steps of linear beta warm-up, 0 = none "
@@ -163,7 +168,7 @@ class Args:
     clip_high: float = _arg(0.28, "PPO clip eps_high, used only when --updates-per-batch > 1 (paper, Section 4.1, "
                            "for its baselines: 0.2; released script: 0.28)")
     clip_c: float = _arg(10.0, "dual-clip bound c for negative advantages, used only when --updates-per-batch > 1 "
-                         "(paper: 10)")
+                         "(paper: not stated; released script: 10)")
     loss_agg: str = _arg("group", "how per-token losses are averaged: 'group' divides each group's sum by its "
                          "answers' total tokens, then averages over prompts (Eq. 3.4); 'token-mean' is a plain mean "
                          "over all tokens of the update, so longer answers weigh more (paper: group; released "
@@ -461,7 +466,7 @@ def split_gold(gold: str) -> tuple[str, str]:
     ('4', 'Half of 8 is $\\boxed{4}$.')
     """
     if "####" in gold:
-        # the text before the last ####, whose line gsm8k_gold takes as the answer
+        # the answer follows the last #### (gsm8k_gold); the worked solution is the text before it
         return gsm8k_gold(gold), re.sub(r"<<[^>]*>>", "", gold.rsplit("####", 1)[0]).strip()
     if "\\boxed" in gold or "\\fbox" in gold:
         return extract_answer(gold) or "", gold
@@ -483,9 +488,19 @@ def normalise_row(row: dict, where: str, fields: Fields | None = None) -> dict:
     return {"question": question, "answer": answer, "solution": given or solution}
 
 
+def hold_out_last(rows, eval_n: int, where: str):
+    """(all rows but the last eval_n, the last eval_n) of a datasets.Dataset."""
+    if len(rows) <= eval_n:
+        raise SystemExit(f"error: {where} has {len(rows)} rows; it needs more than --eval-n {eval_n} "
+                         f"(the last --eval-n rows are held out for evaluation)")
+    n_train = len(rows) - eval_n
+    return rows.select(range(n_train)), rows.select(range(n_train, len(rows)))
+
+
 def load_examples(dataset: str, eval_n: int, seed: int, question_field: str | None = None,
                   answer_field: str | None = None, solution_field: str | None = None) -> tuple[list[dict], list[dict]]:
-    """Returns (train, held-out eval) examples. A local file keeps its last eval_n rows for evaluation.
+    """Returns (train, held-out eval) examples. A Hub dataset gives its test split's first eval_n rows for
+    evaluation; a local file, or a Hub dataset without a test split, keeps its last eval_n rows instead.
     The field flags name where the question, gold answer and worked solution are (dataset_fields)."""
     if dataset == "toy":
         return toy_examples(5000, seed), toy_examples(eval_n, seed + 1)
@@ -501,19 +516,19 @@ def load_examples(dataset: str, eval_n: int, seed: int, question_field: str | No
                                          data_files=dataset, split="train")
         except Exception as e:  # datasets raises many types for a malformed file
             raise SystemExit(f"error: could not read {dataset}: {first_line(e)}")
-        if len(rows) <= eval_n:
-            raise SystemExit(f"error: {dataset} has {len(rows)} rows; it needs more than --eval-n {eval_n} "
-                             f"(the last --eval-n rows are held out for evaluation)")
-        n_train = len(rows) - eval_n
-        train_rows, eval_rows = rows.select(range(n_train)), rows.select(range(n_train, len(rows)))
+        train_rows, eval_rows = hold_out_last(rows, eval_n, dataset)
     else:
         name, config = ("openai/gsm8k", "main") if dataset == "gsm8k" else (dataset, None)
         try:
-            train_rows = datasets.load_dataset(name, config, split="train")
-            eval_rows = datasets.load_dataset(name, config, split="test")
+            splits = datasets.load_dataset(name, config)
         except (OSError, ValueError, ConnectionError) as e:
             raise SystemExit(f"error: could not load dataset '{name}': {first_line(e)} {OFFLINE_HINT}")
-        eval_rows = eval_rows.select(range(min(eval_n, len(eval_rows))))
+        if "train" not in splits:
+            raise SystemExit(f"error: dataset '{name}' has no train split (its splits: {', '.join(splits)})")
+        if "test" in splits:
+            train_rows, eval_rows = splits["train"], splits["test"].select(range(min(eval_n, len(splits["test"]))))
+        else:  # DAPO-Math-17k and many RL sets have only a train split
+            train_rows, eval_rows = hold_out_last(splits["train"], eval_n, name)
     fields = dataset_fields(train_rows[0], question_field, answer_field, solution_field, dataset)
     train = [normalise_row(r, f"{dataset} train row {i}", fields) for i, r in enumerate(train_rows)]
     held_out = [normalise_row(r, f"{dataset} eval row {i}", fields) for i, r in enumerate(eval_rows)]
@@ -638,7 +653,7 @@ def decode_responses(tokenizer, response_ids: Tensor, response_mask: Tensor) -> 
             for ids, m in zip(response_ids, response_mask)]
 
 
-# Decoding is nearly all of an SDPG step's time: 1,024 new tokens are 1,024 forward passes one after
+# Decoding is nearly all of an SDPG step's time: 512 new tokens are 512 forward passes one after
 # the other, each reading every weight once. transformers' generate() runs each pass as about a
 # thousand small kernel launches and then waits on the host to ask whether every row has stopped,
 # so on a GPU the host, not the hardware, sets its pace. The loop below keeps everything one step
@@ -699,7 +714,7 @@ def new_decode_state(model: nn.Module, n: int, columns: int, stop_ids: list[int]
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary position embedding in the half-split layout of Hugging Face checkpoints.
-    x (N, H, T, D), cos and sin (N, T, D) from the model's own rotary_emb -> (N, H, T, D)."""
+    x (N, heads, T, D), cos and sin (N, T, D) from the model's own rotary_emb -> (N, heads, T, D)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
 
@@ -733,7 +748,7 @@ def cached_attention(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, keys:
     v = attn.v_proj(x).view(N, T, -1, D).transpose(1, 2)  # (N, H_kv, T, D)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises every query and key head before RoPE
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)  # (N, H, T, D)
+    q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)  # (N, H_q or H_kv, T, D)
     keys.index_copy_(2, columns, k)
     values.index_copy_(2, columns, v)
     S = allowed.shape[-1]
@@ -910,7 +925,10 @@ def generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_
 def hf_generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int,
                 temperature: float, top_p: float, stop_ids: list[int], pad_id: int) -> tuple[Tensor, Tensor]:
     """generate() through transformers' model.generate: every model, top-p, and host-bound speed.
-    It derives position ids from the attention mask, so left padding shifts nothing."""
+    It derives position ids from the attention mask, so left padding shifts nothing. Settings not
+    passed here come from model.generation_config (a Hub model's may hold a repetition penalty, which
+    would draw the answers from another distribution than p_t): build_models replaces it with a plain one.
+    top_k=0 because transformers would otherwise keep only the 50 likeliest tokens."""
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
         dict(do_sample=False)
     # use_cache=True: with gradient checkpointing switched on, some transformers versions would
@@ -922,19 +940,17 @@ def hf_generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_n
 
 
 # The decoding loop computes in its model's dtype, and a decoding step is bound by reading the
-# weights: float32 weights read 4 bytes per parameter per token, bf16 ones 2. (Under transformers'
-# generate, float32 weights with bf16 autocast measured 2.8x slower than bf16 weights on an H200, in
-# runs that were unstable; benchmarks/sampling_dtype.py makes the fair measurement, not yet run on a
-# GPU.) So on CUDA the answers come from a bf16 copy of the policy whose weights are refreshed from
-# the float32 master weights before each rollout, in place so that the recorded CUDA graph reads
-# them, for 2 bytes per parameter of extra memory. The copy is close to, not bit-identical with,
-# the autocast forward that scores the answers (autocast keeps norms and the residual stream in
-# float32): like every RL system with a separate inference engine, the rollouts are on-policy up to
-# bf16 rounding.
-def make_sampler(model: nn.Module, bf16: bool, copy: bool = False) -> nn.Module:
+# weights: float32 weights read 4 bytes per parameter per token, bf16 ones 2 (what was measured:
+# benchmarks/results/performance.md). So on CUDA the answers come from a bf16 copy of the policy
+# whose weights are refreshed from the float32 master weights before each rollout, in place so that
+# the recorded CUDA graph reads them, for 2 bytes per parameter of extra memory. The copy is close
+# to, not bit-identical with, the autocast forward that scores the answers (autocast keeps norms and
+# the residual stream in float32): like every RL system with a separate inference engine, the
+# rollouts are on-policy up to bf16 rounding.
+def make_sampler(model: nn.Module, bf16: bool, whole_copy: bool = False) -> nn.Module:
     """The model that generates: a frozen bf16 copy when computing in bf16, else the model itself (or, with
-    copy=True, for --fsdp whose policy is sharded, a whole float32 copy)."""
-    return frozen_copy(model, torch.bfloat16 if bf16 else torch.float32) if bf16 or copy else model
+    whole_copy=True, for --fsdp whose policy is sharded, a whole float32 copy)."""
+    return frozen_copy(model, torch.bfloat16 if bf16 else torch.float32) if bf16 or whole_copy else model
 
 
 @torch.no_grad()
@@ -942,7 +958,7 @@ def refresh_sampler(sampler: nn.Module, model: nn.Module) -> None:
     """Copies the current policy weights into the sampler (a no-op when they are one model)."""
     if sampler is not model:
         for dst, src in zip(sampler.parameters(), model.parameters()):
-            dst.copy_(whole(src))  # with --fsdp, gathered from the ranks' shards one parameter at a time
+            dst.copy_(whole(src))  # whole(): the tensor itself, or with --fsdp gathered from the ranks' shards
 
 
 # -----------------------------------------------------------------------------
@@ -990,7 +1006,8 @@ def full_vocab_reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Ten
 
 def _chunk_terms(h_student: Tensor, h_teacher: Tensor | None, targets: Tensor, lm_head: nn.Module,
                  temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """One chunk of chunked_token_terms: (C, H) hidden states -> (C,) log p, KL (0 without teacher), entropy."""
+    """One chunk of chunked_token_terms: the hidden states (C, H) of its C tokens -> (C,) log p, KL (0 without
+    teacher), entropy."""
     logits = lm_head(h_student).float() / temperature  # (C, V), the only place (C, V) logits live
     lse = torch.logsumexp(logits, dim=-1)  # (C,)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (C,) log p_t(y_t)
@@ -1033,7 +1050,9 @@ def scatter_tokens(values: Tensor, mask: Tensor) -> Tensor:
 
 
 # -----------------------------------------------------------------------------
-# Losses. Tensors are (n, L) per token, with `weights` holding each token's share of the batch.
+# Rewards, advantages and losses. Rewards and advantages are (N,), one per answer; loss terms are
+# (n, L): n rows of the batch (an update or a micro-batch) by L response positions, with `weights`
+# holding each token's share of the update.
 
 
 # DAPO's overlong penalty (Yu et al., 2025) on an answer of |y| tokens, with L = --max-new-tokens
@@ -1120,6 +1139,8 @@ def beta_schedule(step: int, total_steps: int, beta: float, warmup_steps: int, d
 
 
 # Per sampled token, log w = log p_t(y_t) - log pi_ref(y_t)              (Section 3.4, Appendix A.2)
+# UKL is the KL between unnormalised distributions; k2 and k3 are the names of Schulman's per-sample
+# KL estimators (k3 = exp(-log w) - 1 + log w, the kl_ref metric).
 #   urkl  0.5 (log w)^2           gradient  log w            UKL(pi_theta, pi_ref), "k2"
 #   ufkl  exp(-log w) + log w     gradient  1 - exp(-log w)  UKL(pi_ref, pi_theta), "k3" + 1
 #   fkl   exp(-log w)             gradient  -exp(-log w)     normalised forward KL
@@ -1160,6 +1181,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, A: Tensor, eps_low: float, eps_h
 def sdpg_loss(logp: Tensor, old_logp: Tensor, kl_distill: Tensor | None, ref_logp: Tensor | None,
               advantages: Tensor, weights: Tensor, beta_k: float, alpha: float, kl_mode: str,
               clip_low: float = 0.2, clip_high: float = 0.28, clip_c: float = 10.0, gate: bool = True) -> Tensor:
+    # (the clip defaults are the released script's, as in Args; they act only when old_logp != logp)
     """L_SDPG = L_out + beta(k) L_OPD+ + alpha L_K (Eq. 3.1) for a slice of the batch.
 
     logp, old_logp, kl_distill, ref_logp, weights: (n, L); advantages: (n,). kl_distill None means
@@ -1192,7 +1214,6 @@ class Rollouts:
     response_mask: Tensor  # (N, L) 1 up to and including the first stop token
     rewards: Tensor  # (N,)
     advantages: Tensor  # (N,)
-    old_logp: Tensor | None = None  # (N, L) log-probs before this batch's first update, if updates_per_batch > 1
 
 
 def collect_rollouts(sampler, tokenizer, examples: list[dict], args: Args, instruction: str, stop_ids: list[int],
@@ -1231,6 +1252,8 @@ def score(model, ref_model, rb: Rollouts, rows: slice, use_teacher: bool, args: 
     mask = rb.response_mask[rows]  # (n, L)
     targets = rb.response_ids[rows][mask.bool()]  # (M,) real response tokens, flattened
     lm_head = model.get_output_embeddings()
+    # whole_root does nothing in one process; with --fsdp it gathers the embeddings and the output layer,
+    # which scoring calls directly (section "More than one process").
     with autocast(compute), whole_root(model), whole_root(ref_model):
         h_teacher = None
         if use_teacher:
@@ -1259,26 +1282,28 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
     model.train()
     N, G = rb.response_ids.shape[0], args.group_size
     use_teacher = args.beta > 0
-    if args.updates_per_batch > 1:  # the rollout policy's log-probs, for the ratio rho (Appendix A.3)
+    rollout_logp = None  # (N, L) the rollout policy's log-probs, for the ratio rho (Appendix A.3)
+    if args.updates_per_batch > 1:  # with one update the policy is still the rollout policy: rho = 1
         with torch.no_grad():
-            rb.old_logp = torch.cat([score(model, None, rb, slice(i, i + args.micro_batch), False, args,
+            rollout_logp = torch.cat([score(model, None, rb, slice(i, i + args.micro_batch), False, args,
                                            compute).logp for i in range(0, N, args.micro_batch)])  # (N, L)
     sums = dict(loss=0.0, kl_distill=0.0, kl_ref=0.0, entropy=0.0, grad_norm=0.0, skipped_updates=0)
     per_update = N // args.updates_per_batch  # whole groups, checked in check_args()
     for u in range(0, N, per_update):
         mask = rb.response_mask[u:u + per_update]  # (n, L)
-        weights = token_weights(mask, G, args.loss_agg) * update_share(mask, args.loss_agg)  # (n, L), sums to 1
+        # (n, L); sum to 1 over the update (over all ranks': update_share is 1 in one process)
+        weights = token_weights(mask, G, args.loss_agg) * update_share(mask, args.loss_agg)
         update_loss = 0.0
         for i in range(u, u + per_update, args.micro_batch):
             rows = slice(i, min(i + args.micro_batch, u + per_update))
             logp, kl, ref_logp, entropy = score(model, ref_model, rb, rows, use_teacher, args, compute)
-            old_logp = logp.detach() if rb.old_logp is None else rb.old_logp[rows]
+            old_logp = logp.detach() if rollout_logp is None else rollout_logp[rows]
             w = weights[rows.start - u:rows.stop - u]  # (n, L)
             loss = sdpg_loss(logp, old_logp, kl, ref_logp, rb.advantages[rows], w, beta_k, args.alpha,
                              args.kl_mode, args.clip_low, args.clip_high, args.clip_c, args.gate)
             loss.backward()
             update_loss += loss.item()
-            # Metrics, token-averaged over the whole batch (w / updates sums to 1 over everything).
+            # Metrics, weighted like the loss over the whole batch (w / updates sums to 1 over everything).
             w = w / args.updates_per_batch
             sums["loss"] += loss.item() / args.updates_per_batch  # the mean over updates
             sums["entropy"] += (w * entropy).sum().item()
@@ -1287,7 +1312,7 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
             if ref_logp is not None:  # k3 estimate of KL(pi_theta || pi_ref), >= 0 per token
                 log_w = (logp - ref_logp).detach()
                 sums["kl_ref"] += (w * (torch.exp(-log_w) - 1 + log_w)).sum().item()
-        all_reduce_gradients(model)  # every rank now holds the gradient of the global update
+        all_reduce_gradients(model)  # every rank now holds the gradient of the global update (no-op in one process)
         update_loss = global_sum({"loss": update_loss})["loss"]  # so that every rank skips the same updates
         grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)).item()
         sums["grad_norm"] += grad_norm / args.updates_per_batch
@@ -1320,7 +1345,7 @@ def training_step(step: int, examples: list[dict], model, ref_model, sampler, to
     beta_k = beta_schedule(step, args.steps, args.beta, args.beta_warmup, args.beta_decay)
     sums = policy_update(model, ref_model, optimizer, scheduler, rb, beta_k, args, compute)
     row = {"step": step, "reward_mean": rb.rewards.mean().item(), **sums, "beta": beta_k,
-           "gate_frac": (rb.advantages > 0).float().mean().item(),
+           "gate_frac": (rb.advantages > 0).float().mean().item(),  # A > 0; with --no-gate all are distilled
            "response_len": rb.response_mask.sum(1).float().mean().item(),
            "lr": scheduler.get_last_lr()[0], "time_s": time.time() - t0}
     row.update(global_mean({k: row[k] for k in ("reward_mean", "gate_frac", "response_len")}))
@@ -1339,9 +1364,10 @@ def count_bad_steps(bad_in_a_row: int, skipped_updates: int) -> int:
 # -----------------------------------------------------------------------------
 # More than one process: `torchrun --nproc-per-node N sdpg.py ...` runs N copies of this file, one per
 # GPU (rank), which talk through torch.distributed. Plain data parallel: every rank holds the whole
-# model, samples and scores its own share of the prompts, and the gradients are summed over the ranks
-# before each optimiser step, so every rank takes the same step. A rank owns whole groups, so the
-# group advantages (Eq. 2.1) need no communication. With one process none of this does anything.
+# model (unless --fsdp, below), samples and scores its own share of the prompts, and the gradients
+# are summed over the ranks before each optimiser step, so every rank takes the same step. A rank
+# owns whole groups, so the group advantages (Eq. 2.1) need no communication. With one process none
+# of this does anything.
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -1558,16 +1584,6 @@ def load_states(model: nn.Module, optimizer, weights: dict, optim_state: dict) -
     set_optimizer_state_dict(model, optimizer, optim_state, options=options)
 
 
-def all_rng_states() -> list[dict]:
-    """Every rank's RNG states, in rank order (rank 0 saves them all in a checkpoint)."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return [rng_states()]
-    states = [None] * world
-    dist.all_gather_object(states, rng_states())
-    return states
-
-
 # -----------------------------------------------------------------------------
 # Evaluation on held-out questions: greedy pass@1 and, optionally, the paper's mean@K (K answers
 # sampled per question at a temperature, the fraction right averaged over questions).
@@ -1624,7 +1640,8 @@ def evaluation_metrics(model, tokenizer, held_out: list[dict], instruction: str,
 
 
 def save_checkpoint(model, tokenizer, path: str, state: dict | None = None, weights: dict | None = None) -> None:
-    """weights: the model's whole state dict when the model itself holds only shards (--fsdp)."""
+    """Writes model and tokenizer (save_pretrained) and the trainer state to path, atomically: into path.tmp,
+    then renamed. weights: the model's whole state dict when the model itself holds only shards (--fsdp)."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=weights)
@@ -1644,15 +1661,27 @@ def checkpoints(output_dir: str) -> list[str]:
 
 
 def rng_states() -> dict:
+    """This process's random states: Python's (data order draws), torch's CPU and CUDA ones (sampling)."""
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_states(states: dict) -> None:
+    """Puts back what rng_states() returned, so a resumed run samples what the uninterrupted one would."""
     random.setstate(states["python"])
     torch.set_rng_state(states["torch"])
     if states["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def all_rng_states() -> list[dict]:
+    """Every rank's RNG states, in rank order (rank 0 saves them all in a checkpoint)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [rng_states()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_states())
+    return states
 
 
 def prepare_output_dir(args: Args) -> str | None:
@@ -1665,21 +1694,22 @@ def prepare_output_dir(args: Args) -> str | None:
                          f"to replace it, or choose another --output-dir")
     os.makedirs(args.output_dir, exist_ok=True)
     if args.resume and os.path.isdir(os.path.join(args.output_dir, "final")):
-        raise SystemExit(f"{args.output_dir} holds a finished run (final/): nothing to resume")
+        raise SystemExit(f"error: {args.output_dir} holds a finished run (final/): nothing to resume")
     found = checkpoints(args.output_dir)
     if args.resume and not found:
         print(f"no checkpoint in {args.output_dir}: starting from step 0")
     return found[-1] if args.resume and found else None
 
 
-def restore_checkpoint(path: str, model, optimizer, scheduler, order: random.Random) -> dict:
+def restore_checkpoint(path: str, model, optimizer, scheduler, order: random.Random,
+                       trust_remote_code: bool = False) -> dict:
     """Loads a checkpoint into the policy and the trainer; returns its trainer state. The reference
     model is not touched: it stays the INITIAL weights."""
     from transformers import AutoModelForCausalLM
 
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    load_states(model, optimizer, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict(),
-                state["optimizer"])
+    weights = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    load_states(model, optimizer, weights.state_dict(), state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     order.setstate(state["order"])
     rank, world = rank_and_world()
@@ -1701,6 +1731,10 @@ def save_training_checkpoint(args: Args, model, tokenizer, optimizer, scheduler,
     for old in checkpoints(args.output_dir)[:-args.keep_checkpoints] if rank_and_world()[0] == 0 else []:
         shutil.rmtree(old)
     return path
+
+
+# -----------------------------------------------------------------------------
+# Run bookkeeping (metrics file, interrupts) and the checks made before training starts.
 
 
 def open_run_files(args: Args, first_step: int):
@@ -1794,7 +1828,7 @@ def build_models(args: Args, compute: Compute):
     model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     # The copy is made on the CPU, so the device never holds two float32 models at once.
     ref_model = frozen_copy(model, torch.bfloat16 if bf16 else torch.float32).to(device) if args.alpha > 0 else None
-    sampler = make_sampler(model, bf16, copy=args.fsdp).to(device)
+    sampler = make_sampler(model, bf16, whole_copy=args.fsdp).to(device)
     model.to(device)
     if args.gradient_checkpointing:  # transformers 5.2x renamed gradient_ to activation_checkpointing
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -1825,7 +1859,7 @@ def main(argv: list[str] | None = None) -> None:
     queue: list[int] = []  # indices of the training examples still to come in this epoch
     start_step, bad_in_a_row = 1, 0
     if resume_from:
-        state = restore_checkpoint(resume_from, model, optimizer, scheduler, order)
+        state = restore_checkpoint(resume_from, model, optimizer, scheduler, order, args.trust_remote_code)
         queue, start_step, bad_in_a_row = state["queue"], state["step"] + 1, state["bad_in_a_row"]
     # Without a checkpoint the run starts again at step 0, whose evaluation row is logged again.
     metrics_file = open_run_files(args, start_step if resume_from else 0)

@@ -989,6 +989,28 @@ def test_each_dataset_layout_loads_from_a_local_file(name, tmp_path):
     assert train == [expected, expected] and held_out == [expected]
 
 
+def test_a_hub_dataset_without_a_test_split_holds_out_its_last_rows(monkeypatch):
+    """A Hub id with train and test splits evaluates on the test split's first --eval-n rows; one with only a
+    train split (DAPO-Math-17k) holds out its last --eval-n rows, as a local file does (guards the crash it
+    used to be: 'could not load dataset' for a split that does not exist). load_dataset is patched: no network."""
+    import datasets
+
+    rows = [{"problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(5)]
+    hub = {"only-train": datasets.DatasetDict(train=datasets.Dataset.from_list(rows)),
+           "both": datasets.DatasetDict(train=datasets.Dataset.from_list(rows[:3]),
+                                        test=datasets.Dataset.from_list(rows[3:])),
+           "no-train": datasets.DatasetDict(validation=datasets.Dataset.from_list(rows))}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, **kw: hub[name])
+    train, held_out = sdpg.load_examples("only-train", eval_n=2, seed=0)
+    assert [ex["answer"] for ex in train] == ["1", "2", "3"] and [ex["answer"] for ex in held_out] == ["4", "5"]
+    train, held_out = sdpg.load_examples("both", eval_n=1, seed=0)
+    assert [ex["answer"] for ex in train] == ["1", "2", "3"] and [ex["answer"] for ex in held_out] == ["4"]
+    with pytest.raises(SystemExit, match="has no train split"):
+        sdpg.load_examples("no-train", eval_n=1, seed=0)
+    with pytest.raises(SystemExit, match="it needs more than --eval-n 5"):
+        sdpg.load_examples("only-train", eval_n=5, seed=0)
+
+
 def test_dapo_layout_loads_from_parquet_and_unknown_layouts_get_one_line(tmp_path):
     import datasets
 
