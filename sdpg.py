@@ -32,7 +32,8 @@ Choices made here, each on purpose:
     the authors' default; ufkl, best in their tables; fkl; rkl: Appendix A.2).
   * One optimiser step per batch of rollouts by default, which is exactly on-policy; with
     --updates-per-batch > 1 the importance ratio and DAPO's dual clip come in (Appendix A.3).
-  * The defaults follow the paper. Where the authors' released training script differs (no gate,
+  * The defaults follow the paper, except --kl-mode urkl and --clip-high 0.28 (the released
+    script's; the paper reports urkl and ufkl). Where the authors' released training script differs (no gate,
     constant beta, a token mean, +1/-1 rewards with an overlong penalty, 8 updates per batch), a
     flag gives its value; --help names both, and README.md has both command lines.
   * Sampling, nearly all of a step's time, is a decoding loop of our own: a static KV cache and one
@@ -1875,7 +1876,7 @@ def main(argv: list[str] | None = None) -> None:
         for step in tqdm(range(start_step, args.steps + 1), desc="sdpg", dynamic_ncols=True,
                          initial=start_step - 1, total=args.steps, disable=rank > 0):
             batch, queue = next_batch(queue, order, len(train), args.batch_prompts)
-            examples = [train[i] for i in rank_share(batch, args.updates_per_batch, rank, world)]
+            examples = [train[i] for i in rank_share(batch, args.updates_per_batch, rank, world)]  # all, in 1 process
             row = training_step(step, examples, model, ref_model, sampler, tokenizer, optimizer, scheduler,
                                 stop_ids, args, compute, templates)
             if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
