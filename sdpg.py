@@ -46,7 +46,6 @@ Run it:
 """
 
 import argparse
-import atexit
 import contextlib
 import copy
 import dataclasses
@@ -1393,12 +1392,33 @@ def start_distributed(args: Args) -> Compute:
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
-    atexit.register(dist.destroy_process_group)
     world = dist.get_world_size()
     if dist.get_rank() > 0:  # only rank 0 prints; errors still reach stderr
         sys.stdout = open(os.devnull, "w")
     check_world(args, world)
     return Compute(device, bf16)
+
+
+# How a run under torchrun ends matters: a rank whose process group is still up when Python tears down
+# can die at exit with "terminate called without an active exception" (SIGABRT) after finishing its work,
+# and a job scheduler then reads the finished run as a failed one. The process group's C++ threads (gloo's
+# or NCCL's) must be stopped while the interpreter is whole, and no rank may leave while another still
+# talks to it: so every rank waits for the others at the end (a barrier), then each destroys its process
+# group, before main returns. On an error there is no barrier (the other ranks may never come to it, and
+# the run is failing anyway): the rank destroys its own process group and the error goes on.
+@contextlib.contextmanager
+def distributed(args: Args):
+    """Joins the process group when started by torchrun (start_distributed) and yields where to compute;
+    leaves the process group in order at the end. Without torchrun: pick_device, and nothing else."""
+    try:
+        yield start_distributed(args)
+    except BaseException:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def check_world(args: Args, world: int) -> None:
@@ -1842,8 +1862,14 @@ def build_models(args: Args, compute: Compute):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    with distributed(args) as compute:  # pick_device(), and the process group under torchrun
+        run(args, compute)
+
+
+def run(args: Args, compute: Compute) -> None:
+    """The run on this process (rank): models, data, then the training steps with their evaluations and
+    checkpoints."""
     templates = read_templates(args.student_template, args.teacher_template)
-    compute = start_distributed(args)  # pick_device(), and the process group under torchrun
     rank, world = rank_and_world()
     seed_everything(args.seed + rank)  # each rank samples its own answers; the data order below is shared
     resume_from = on_rank_zero(prepare_output_dir, args)

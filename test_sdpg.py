@@ -30,6 +30,8 @@ import verifiers
 from verifiers import extract_answer, gsm8k_gold, is_equiv, math_reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Subprocesses are given this long against a hang only: each takes seconds to a minute, more on a busy machine.
+HANG_TIMEOUT = 900
 sys.path.insert(0, os.path.join(HERE, "benchmarks"))  # the benchmark scripts' functions are tested too
 
 
@@ -529,7 +531,7 @@ def test_top_p_and_unsupported_models_fall_back_to_transformers_generate(capsys,
 
 def test_help_reads_like_documentation():
     out = subprocess.run([sys.executable, os.path.join(HERE, "sdpg.py"), "--help"], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=HANG_TIMEOUT)
     assert out.returncode == 0
     for flag in ("--model", "--dataset", "--steps", "--group-size", "--batch-prompts", "--max-new-tokens",
                  "--temperature", "--lr", "--beta", "--beta-warmup", "--beta-decay", "--alpha", "--kl-mode",
@@ -629,7 +631,7 @@ def test_benchmark_smoke(tmp_path):
            "--prompt-len", "8", "--context-len", "8", "--response-len", "16", "--steps", "1",
            "--rollout-answers", "8", "16", "--rollout-tokens", "4", "8", "--rollout-prompt-lens", "3", "9",
            "--baseline-max-tokens", "4", "--jitter", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| step | mode | grad ckpt |" in proc.stdout and "ms per decoding step" in proc.stdout
     result = json.loads(out.read_text())
@@ -668,7 +670,7 @@ def test_decode_check_passes_on_the_cpu(tmp_path):
     out = tmp_path / "check.json"
     cmd = [sys.executable, os.path.join(HERE, "benchmarks", "decode_check.py"), "--answers", "8", "--new-tokens", "12",
            "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == 0 and "FAIL" not in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["greedy answers equal model.generate's"] and result["rows_equal_to_model_generate"] == 1.0
@@ -698,7 +700,7 @@ def test_sampling_dtype_smoke(tmp_path):
     out = tmp_path / "sd.json"
     cmd = [sys.executable, os.path.join(HERE, "benchmarks", "sampling_dtype.py"), "--answers", "2", "3",
            "--repeats", "3", "--new-tokens", "4", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| 3 | bf16 copy |" in proc.stdout
     results = json.loads(out.read_text())["results"]
@@ -716,7 +718,7 @@ def test_compare_harness_smoke(tmp_path):
     compare = [sys.executable, os.path.join(HERE, "benchmarks", "compare.py"), "--out", str(out), "--seeds", "0"]
     cmd = [*compare, "--jobs", "2", "--variants", "sdpg-urkl", "beta0-alpha0", "--", "--model", "tiny", "--steps", "3",
            "--eval-n", "8"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"sdpg-urkl", "beta0-alpha0"}
@@ -726,16 +728,16 @@ def test_compare_harness_smoke(tmp_path):
     assert rows[1]["kl_distill"] is None and rows[1]["kl_ref"] is None
     # the final evaluation, redone from the saved model, gives the logged accuracy (checked by the script)
     proc = subprocess.run([sys.executable, os.path.join(HERE, "benchmarks", "unseen_accuracy.py"), str(out)],
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == 0 and "| sdpg-urkl/seed0 |" in proc.stdout, proc.stderr[-2000:]
     # a rerun reuses finished runs with the same settings and refuses ones made with other settings
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == 0 and proc.stdout.count("reusing the finished run") == 2, proc.stderr[-2000:]
-    proc = subprocess.run([*cmd, "--lr", "1e-4"], capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([*cmd, "--lr", "1e-4"], capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode != 0 and "made with other settings" in proc.stderr, proc.stderr[-2000:]
     # a failing run stops the harness with sdpg.py's own message and names the run
     proc = subprocess.run([*compare, "--variants", "beta0", "--", "--model", "tiny", "--steps", "0"],
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode != 0 and "beta0/seed0 failed" in proc.stderr and "--steps must be positive" in proc.stderr
 
 
@@ -800,10 +802,12 @@ def _demo(tmp_path, extra=()):
 
 
 def test_offline_demo_learns(tmp_path):
-    start = time.time()
+    """The README's demo, as it runs: the reward rises by 0.3 or more within its 200 steps of 16 x 8 answers (its
+    budget is in steps, not seconds: how long it takes is the benchmark's number, and a shared CI machine may be
+    slow)."""
     first, last = _demo(tmp_path)
     assert last - first >= 0.3, (first, last)
-    assert time.time() - start < 120
+    assert [r["step"] for r in _rows(tmp_path / "demo" / "metrics.jsonl")] == list(range(201))
 
 
 def test_offline_demo_does_not_learn_with_the_advantage_sign_flipped(tmp_path, monkeypatch):
@@ -1025,6 +1029,15 @@ def test_dapo_layout_loads_from_parquet_and_unknown_layouts_get_one_line(tmp_pat
         sdpg.load_examples(path, eval_n=1, seed=0, question_field="input")
     assert sdpg.load_examples(path, eval_n=1, seed=0, question_field="input", answer_field="target")[1] == [
         {"question": "What is 4 + 5?", "answer": "9", "solution": ""}]
+
+
+def test_a_multi_turn_chat_prompt_gives_its_last_user_message():
+    """A few-shot chat prompt (system, worked example, its answer, then the question) trains on its last user
+    message. Guards against reading the first user message, which would train every row on the example."""
+    chat = [{"role": "system", "content": "Solve the problem."}, {"role": "user", "content": "What is 1 + 1?"},
+            {"role": "assistant", "content": "2"}, {"role": "user", "content": "What is 2 + 3?"}]
+    row = {"prompt": chat, "reward_model": {"ground_truth": "5"}}
+    assert sdpg.normalise_row(row, "row 0") == {"question": "What is 2 + 3?", "answer": "5", "solution": ""}
 
 
 GSM8K_DIR = os.path.join(HERE, "..", "shared", "data", "gsm8k")
@@ -1515,11 +1528,17 @@ DEGENERATE = [
 ]
 
 
+# A bound against a hang (a regular expression or a parser that goes quadratic or worse on 200 KB), not a
+# benchmark: the slowest of these inputs took 0.65 s on 2 cores under a load average of 10 (2026-12-02), so
+# HANG_S is far above what a working verifier needs on a busy CI machine, and far below what a broken one takes.
+HANG_S = 30.0
+
+
 @pytest.mark.parametrize("text", DEGENERATE, ids=lambda t: repr(t[:20]) + f"x{len(t)}")
 def test_degenerate_completion_is_fast(text):
     start = time.perf_counter()
     reward = math_reward(text, "1")
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < HANG_S
     assert reward in (0.0, 1.0)
 
 
@@ -1534,7 +1553,7 @@ def test_worst_case_answer_within_cap_is_fast(answer, equal):
     unbalanced \\text{ one is junk, equal to nothing)."""
     start = time.perf_counter()
     result = is_equiv(answer, answer)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < HANG_S
     assert result is equal
 
 
@@ -1602,6 +1621,22 @@ def test_equation_gold_is_not_cut_to_its_right_side(gold):
     rhs = gold.rsplit("=", 1)[1].strip()
     assert math_reward(rf"\boxed{{{rhs}}}", gold) == 0.0
     assert math_reward(rf"so \boxed{{{gold}}}", gold) == 1.0  # the whole equation still matches itself
+
+
+@pytest.mark.parametrize("gold", ["x(x-4) = 0", "t(t + 2) = 0", "x(2x - 1) = 0", "a(b+c) = 0"])
+def test_a_bracketed_expression_on_the_left_is_not_a_label(gold):
+    """'x(x-4) = 0' is an equation, not the label f(x) = ...: the constant 0 must not score on it. Guards against
+    a label rule that takes any name followed by brackets, whatever they hold, for a label."""
+    assert math_reward(r"\boxed{0}", gold) == 0.0
+    assert math_reward(rf"so \boxed{{{gold}}}", gold) == 1.0
+
+
+@pytest.mark.parametrize("pred,gold,same", [("1, 1, 2", "2, 1", False), ("2, 1", "1, 1, 2", False),
+                                            ("2, 1, 1", "1, 2, 1", True), ("3, 3", "3", False),
+                                            ("x = 1, 1", "1", False)])
+def test_a_list_is_a_multiset_where_repeated_items_count(pred, gold, same):
+    """Guards against comparing lists as sets, under which '1, 1, 2' would match '2, 1'."""
+    assert is_equiv(pred, gold) is same
 
 
 @pytest.mark.parametrize("pred,gold", [("5", "x = 5"), ("5", "y = x = 5"), ("3", "f(x) = 3"), ("7", "a_3 = 7"),
@@ -1696,7 +1731,7 @@ def test_closed_form_limits_are_fast():
                  "1^{99999999}"]:
         start = time.perf_counter()
         assert math_reward(rf"\boxed{{{text}}}", "1") in (0.0, 1.0)
-        assert time.perf_counter() - start < 1.0, text[:30]
+        assert time.perf_counter() - start < HANG_S, text[:30]
 
 
 def test_every_gsm8k_train_solution_scores_1_plain_and_boxed():
@@ -1735,12 +1770,12 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path):
     # A real SIGINT to a real process, once it has logged step 3.
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sdpg.py"), *run, "--output-dir", str(out),
                              "--steps", "400"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_TIMEOUT
     while time.time() < deadline and not (out / "metrics.jsonl").exists() or \
             len(_rows(out / "metrics.jsonl")) < 4:
         time.sleep(0.05)
     proc.send_signal(2)  # SIGINT, as Ctrl-C sends
-    output, _ = proc.communicate(timeout=120)
+    output, _ = proc.communicate(timeout=HANG_TIMEOUT)
     assert proc.returncode == 0, output
     assert "--resume" in output
     (ckpt,) = sdpg.checkpoints(str(out))
@@ -1924,7 +1959,7 @@ def test_errors_reach_the_user_as_one_line_without_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for flags, code in ((["--model", "nobody/no-such-model"], 1), (["--kl-mode", "kl"], 2)):
         out = subprocess.run([sys.executable, os.path.join(HERE, "sdpg.py"), *flags, "--output-dir", str(tmp_path)],
-                             capture_output=True, text=True, timeout=120, env=env)
+                             capture_output=True, text=True, timeout=HANG_TIMEOUT, env=env)
         assert out.returncode == code and "Traceback" not in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:"), out.stderr
         if code == 1:  # the Hub is unreachable: the one line points at the offline demo
@@ -2006,7 +2041,8 @@ def _rank_rows(rb: sdpg.Rollouts, args, rank: int, world: int) -> sdpg.Rollouts:
 
 def _updates_on_fixed_rollouts(flags: list[str], steps: int = 3) -> dict:
     """`steps` policy updates of the tiny model on fixed rollouts, in this process's share of them.
-    Returns the (clipped) gradient of the first optimiser step and the weights at the end, in float64."""
+    Returns the (clipped) gradient of the first optimiser step, the weights at the end, in float64, and the metrics
+    policy_update returned at each step."""
     args = sdpg.parse_args(DIST_BASE + flags)
     rank, world = sdpg.rank_and_world()
     tok = sdpg.build_char_tokenizer()
@@ -2023,13 +2059,16 @@ def _updates_on_fixed_rollouts(flags: list[str], steps: int = 3) -> dict:
         if not first_grad:
             first_grad.extend(sdpg.whole(p.grad).detach().double().clone() for p in model.parameters())
     optimizer.register_step_pre_hook(record)
+    metrics = []
     for step in range(1, steps + 1):
         rb = _rank_rows(_fixed_rollouts(step, args, len(tok)), args, rank, world)
-        sdpg.policy_update(model, ref, optimizer, scheduler, rb, 0.5, args, sdpg.Compute(torch.device("cpu"), False))
-    return {"grad": first_grad, "weights": [sdpg.whole(p).detach().double().clone() for p in model.parameters()]}
+        metrics.append(sdpg.policy_update(model, ref, optimizer, scheduler, rb, 0.5, args,
+                                          sdpg.Compute(torch.device("cpu"), False)))
+    return {"grad": first_grad, "weights": [sdpg.whole(p).detach().double().clone() for p in model.parameters()],
+            "metrics": metrics}
 
 
-def _torchrun(*argv: str, timeout: int = 170) -> str:
+def _torchrun(*argv: str, timeout: int = HANG_TIMEOUT) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -2044,22 +2083,28 @@ def two_rank_updates(tmp_path_factory):
     return {**runs, "unshared": [(out / f"unshared-{r}.txt").read_text() for r in (0, 1)]}
 
 
+@pytest.fixture(scope="module")
+def one_process_updates():
+    """The same updates in this one process, for every case."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small run 10x slower when threads compete for the two cores
+    try:
+        return {case: _updates_on_fixed_rollouts(flags) for case, flags in DIST_CASES.items()}
+    finally:
+        torch.set_num_threads(threads)
+
+
 # Tolerance: the two ranks add their halves of the gradient in another order than one process does
 # (float32: the gradients agree to 1e-7). AdamW divides each gradient by its own root mean square, which
 # magnifies that rounding in the smallest gradients: after 3 steps of lr 1e-2 (each step moves a weight
 # by up to 1e-2) the weights agree within 5e-5, half a percent of one step; measured: 1.1e-5 at most.
 @pytest.mark.parametrize("case", list(DIST_CASES))
-def test_two_ranks_take_the_steps_of_one_process(case, two_rank_updates):
+def test_two_ranks_take_the_steps_of_one_process(case, two_rank_updates, one_process_updates):
     """Two ranks on the same rollouts give one process's gradient and, after 3 steps, its weights; the ranks'
     weights are identical. Guards against: a missing gradient all-reduce (each rank steps on its half),
     token weights that sum to 1 per rank instead of over the global update (a gradient twice too big), and
     dealing each rank one contiguous slice of the batch with --updates-per-batch 2 (other prompts per step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors this small run 10x slower when threads compete for the two cores
-    try:
-        one = _updates_on_fixed_rollouts(DIST_CASES[case])
-    finally:
-        torch.set_num_threads(threads)
+    one = one_process_updates[case]
     ranks = [two_rank_updates[case, r] for r in (0, 1)]
     for a, b in zip(ranks[0]["weights"], ranks[1]["weights"]):
         assert torch.equal(a, b)
@@ -2067,6 +2112,18 @@ def test_two_ranks_take_the_steps_of_one_process(case, two_rank_updates):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     for a, b in zip(ranks[0]["weights"], one["weights"]):
         torch.testing.assert_close(a, b, rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("case", list(DIST_CASES))
+def test_two_ranks_log_the_metrics_of_one_process(case, two_rank_updates, one_process_updates):
+    """The first update's metrics (loss, entropy, the two KLs, the gradient norm) are global: each rank's equal
+    one process's on the same rollouts. Guards against metrics averaged over the ranks instead of summed, which
+    would log every value halved with two ranks while the training itself stays right."""
+    one = one_process_updates[case]["metrics"][0]
+    for r in (0, 1):
+        ranks = two_rank_updates[case, r]["metrics"][0]
+        for key in ("loss", "entropy", "kl_distill", "kl_ref", "grad_norm"):
+            assert ranks[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), (r, key)
 
 
 DIST_RUN = ["--model", "tiny", "--steps", "4", "--batch-prompts", "4", "--group-size", "4", "--eval-every", "0",
@@ -2106,24 +2163,53 @@ def test_an_output_dir_that_not_every_rank_sees_is_refused_on_every_rank(two_ran
         assert message.startswith("error: not every process can see --output-dir") and "shared filesystem" in message
 
 
+def test_a_run_under_torchrun_ends_its_process_group_before_returning(monkeypatch):
+    """sdpg.distributed, which sdpg.main runs in: the process group is destroyed when the run ends, normally or by
+    an error, not left to the interpreter's teardown (where a rank can abort after finishing: "terminate called
+    without an active exception"). One rank of a one-rank torchrun, in this process."""
+    import socket
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    args = sdpg.parse_args(["--model", "tiny", "--device", "cpu"])
+    with sdpg.distributed(args) as compute:
+        assert dist.is_initialized() and compute.device.type == "cpu"
+    assert not dist.is_initialized()
+    with pytest.raises(SystemExit, match="stop"):
+        with sdpg.distributed(args):
+            assert dist.is_initialized()
+            raise SystemExit("stop")
+    assert not dist.is_initialized()
+
+
 def test_a_global_batch_that_ranks_cannot_share_is_refused():
     sdpg.check_world(sdpg.parse_args(["--model", "tiny", "--batch-prompts", "8", "--updates-per-batch", "2"]), 4)
     with pytest.raises(SystemExit, match=r"multiple of processes x --updates-per-batch \(2 x 2\)"):
         sdpg.check_world(sdpg.parse_args(["--model", "tiny", "--batch-prompts", "6", "--updates-per-batch", "2"]), 2)
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["dist-worker"]:  # one rank of two_rank_updates
-    sdpg.start_distributed(sdpg.parse_args(DIST_BASE))
+def _dist_worker(out: str) -> None:
+    """One rank of two_rank_updates: the fixed-rollout updates of every case, then the output-dir check."""
     for name, flags in DIST_CASES.items():
         result = _updates_on_fixed_rollouts(flags)
-        torch.save(result, os.path.join(sys.argv[2], f"{name}-{sdpg.rank_and_world()[0]}.pt"))
-    sdpg.check_shared_output_dir(sys.argv[2])  # one directory that both ranks see: no error
-    own = os.path.join(sys.argv[2], f"rank-{sdpg.rank_and_world()[0]}")  # as if each node had its own disk
+        torch.save(result, os.path.join(out, f"{name}-{sdpg.rank_and_world()[0]}.pt"))
+    sdpg.check_shared_output_dir(out)  # one directory that both ranks see: no error
+    own = os.path.join(out, f"rank-{sdpg.rank_and_world()[0]}")  # as if each node had its own disk
     os.makedirs(own)
     try:
         sdpg.check_shared_output_dir(own)
         message = "no error"
     except SystemExit as e:
         message = str(e)
-    with open(os.path.join(sys.argv[2], f"unshared-{sdpg.rank_and_world()[0]}.txt"), "w") as f:
+    with open(os.path.join(out, f"unshared-{sdpg.rank_and_world()[0]}.txt"), "w") as f:
         f.write(message)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["dist-worker"]:
+    with sdpg.distributed(sdpg.parse_args(DIST_BASE)):  # ends the process group in order, as sdpg.main does
+        _dist_worker(sys.argv[2])
