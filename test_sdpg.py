@@ -1853,6 +1853,55 @@ def test_every_gsm8k_train_solution_scores_1_plain_and_boxed():
     assert not bad, bad[:5]
 
 
+# --- --verifier: ours, or Hugging Face's Math-Verify -------------------------------------------------
+
+def test_the_verifier_flag_scores_the_rollouts_and_the_evaluation(tmp_path, monkeypatch):
+    """Guards against --verifier parsed but not used: main builds the reward function once, from Args, and
+    both the training rollouts and every evaluation score with it (this one accepts every answer)."""
+    built = []
+
+    def reward_function(name):
+        built.append(name)
+        return lambda completion, gold: 1.0
+
+    monkeypatch.setattr(sdpg, "reward_function", reward_function)
+    sdpg.main(SMALL_RUN + ["--steps", "1", "--batch-prompts", "2", "--group-size", "2", "--eval-n", "2",
+                           "--output-dir", str(tmp_path), "--verifier", "math-verify"])
+    rows = _rows(tmp_path / "metrics.jsonl")
+    assert built == ["math-verify"]
+    assert rows[0]["eval_accuracy"] == rows[1]["eval_accuracy"] == rows[1]["reward_mean"] == 1.0
+
+
+def test_math_verify_missing_gets_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # as if it were not installed: the import fails
+    with pytest.raises(SystemExit) as e:
+        sdpg.main(["--model", "tiny", "--verifier", "math-verify", "--output-dir", str(tmp_path / "run")])
+    assert e.value.code == "error: --verifier math-verify needs the math-verify package: pip install math-verify"
+    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
+    assert sdpg.reward_function("ours") is math_reward and sdpg.parse_args([]).verifier == "ours"
+
+
+@pytest.mark.parametrize("completion,gold,reward", [
+    (r"So $\boxed{\frac{1}{2}}$.", "0.5", 1.0), (r"So $\boxed{3}$.", "4", 0.0), ("3 + 4 = 7\n#### 7", "7", 1.0),
+    (r"So $\boxed{5 \leq x}$.", r"x \geq 5", 1.0), (rf"So $\boxed{{{MATRIX}}}$.", MATRIX, 1.0),
+    (rf"So $\boxed{{{MATRIX}}}$.", MATRIX.replace("-1", "1"), 0.0), (None, "1", 0.0), (r"$\boxed{1}$", None, 0.0),
+])
+def test_math_verify_reward(completion, gold, reward):
+    pytest.importorskip("math_verify", reason="Math-Verify is optional (pip install math-verify); CI installs it")
+    assert sdpg.reward_function("math-verify")(completion, gold) == reward
+
+
+def test_math_verify_time_is_bounded(monkeypatch):
+    """Guards against a Math-Verify call without our timeouts (its defaults are 5 s): a power tower that SymPy
+    would work on for minutes is given up after the 1 s timeout of its comparison."""
+    pytest.importorskip("math_verify", reason="Math-Verify is optional (pip install math-verify); CI installs it")
+    monkeypatch.setattr(sdpg, "MATH_VERIFY_TIMEOUT_S", 1)
+    reward = sdpg.reward_function("math-verify")
+    start = time.perf_counter()
+    assert reward(r"So $\boxed{9^{9^{9^{9}}}}$.", "1") == 0.0
+    assert time.perf_counter() - start < 4
+
+
 # -----------------------------------------------------------------------------
 # Reliability: interrupt and resume, atomic checkpoints, NaN guard, clear errors
 
