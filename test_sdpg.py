@@ -1902,6 +1902,34 @@ def test_math_verify_time_is_bounded(monkeypatch):
     assert time.perf_counter() - start < 4
 
 
+
+def test_the_math_style_set_differs_from_its_hand_labels_only_by_stated_policy():
+    """The MATH-style cases of benchmarks/verifier_agreement.py carry a hand label (would a careful grader accept
+    the answer?). Guards against a rule that drifts from it: ours may differ only where a note names the policy."""
+    from verifier_agreement import MATH_STYLE, completion_of
+    assert len(MATH_STYLE) >= 100 and len({(answer, gold) for answer, gold, *_ in MATH_STYLE}) == len(MATH_STYLE)
+    off = [(answer, gold) for answer, gold, right, _, note in MATH_STYLE
+           if (math_reward(completion_of(answer), gold) == 1.0) is not (right is not note.startswith("P:"))]
+    assert not off, off
+
+
+def test_verifier_agreement_smoke(tmp_path, monkeypatch):
+    pytest.importorskip("math_verify", reason="Math-Verify is optional (pip install math-verify); CI installs it")
+    import verifier_agreement
+    rows = [{"question": "q", "answer": "2 + 2 = <<2+2=4>>4\n#### 4"},
+            {"question": "q", "answer": "She answered 3 of them, then 3 + 2 = <<3+2=5>>5.\n#### 5"}]
+    gsm8k = _write_jsonl(tmp_path / "train.jsonl", rows)
+    monkeypatch.setattr(verifier_agreement, "MATH_STYLE", [("2x > 4", "x > 2", True, "relation", ""),
+                                                           ("0.333333", r"\frac{1}{3}", False, "fraction", "")])
+    monkeypatch.setattr(sys, "argv", ["verifier_agreement.py", "--gsm8k", gsm8k, "--out", str(tmp_path)])
+    verifier_agreement.main()
+    result = json.loads((tmp_path / "verifier_agreement.json").read_text())
+    assert result["gsm8k_train"] == {"cases": 4, "agree": 3, "both_accept": 3, "both_refuse": 0, "only_ours": 1,
+                                     "only_math_verify": 0}
+    assert [(r["ours"], r["math_verify"]) for r in result["math_style_cases"]] == [(True, False), (False, True)]
+    report = (tmp_path / "verifier_agreement.md").read_text()
+    assert "Math-Verify accepts a wrong answer" in report and "an earlier number is taken: 1" in report
+
 # -----------------------------------------------------------------------------
 # Reliability: interrupt and resume, atomic checkpoints, NaN guard, clear errors
 
