@@ -219,7 +219,9 @@ def report(result: dict) -> str:
         lines.append(f"| {name} | {s['cases']} | {s['agree']} ({100 * s['agree'] / s['cases']:.1f}%) | "
                      f"{s['both_accept']} | {s['both_refuse']} | {s['only_ours']} | {s['only_math_verify']} |")
     lines += ["", f"Against our hand labels of the MATH-style set: ours {right['ours']}/{m['cases']}, "
-              f"Math-Verify {right['math_verify']}/{m['cases']} right.", "", "## GSM8K disagreements", ""]
+              f"Math-Verify {right['math_verify']}/{m['cases']} right. The set was written by the authors of "
+              "verifiers.py, so it leans towards the forms their rules know: read it as a map of where the two "
+              "differ, not as an accuracy.", "", "## GSM8K disagreements", ""]
     kinds = collections.Counter((r["form"], r["ours"], gsm8k_kind(r["completion"]))
                                 for r in result["gsm8k_disagreements"])
     lines += [f"- {form}, only {'ours' if mine else 'Math-Verify'} accepts, {kind}: {n}"
