@@ -404,6 +404,10 @@ class _Refuse(Exception):
     """A closed form this module will not decide (a limit hit, an unknown command, a non-integer power)."""
 
 
+# what reading or computing with a closed form may raise; each means: no value, no match
+_FORM_ERRORS = (_Refuse, ArithmeticError, ValueError, KeyError, IndexError, RecursionError)
+
+
 def _form_tokens(s: str) -> list[tuple[str, str]]:
     tokens, pos = [], 0
     while pos < len(s):
@@ -683,8 +687,6 @@ def _closed_form(s: str) -> Fraction | tuple | None:
     except _FORM_ERRORS:
         return None
 
-
-_FORM_ERRORS = (_Refuse, ArithmeticError, ValueError, KeyError, IndexError, RecursionError)
 
 # --- matrices: entry by entry ------------------------------------------------------------------
 
