@@ -50,6 +50,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -128,6 +129,9 @@ class Args:
     top_p: float = _arg(1.0, "nucleus sampling; below 1 the answers no longer come from p_t exactly, so "
                         "the on-policy maths only holds approximately")
     # reward
+    verifier: str = _arg("ours", "what scores an answer: 'ours' (verifiers.py: exact, standard library only; README, "
+                         "The verifier) or 'math-verify' (Hugging Face's Math-Verify: SymPy, numbers rounded to 6 "
+                         "decimals; an optional package, pip install math-verify)", choices=("ours", "math-verify"))
     wrong_reward: float = _arg(0.0, "reward of an answer the verifier rejects (a right one gets 1); alone it "
                                "changes no advantage, see shaped_reward (paper: 0; released script: -1)")
     overlong_buffer: int = _arg(0, "DAPO's overlong penalty: the last N tokens before --max-new-tokens cost a "
@@ -1068,6 +1072,34 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int) -> Tensor:
     return ((max_len - buffer - lengths) / buffer).clamp(max=0.0)  # (N,)
 
 
+# The verifier, a (completion, gold) -> 1.0 or 0.0 function: ours, or Hugging Face's Math-Verify (an
+# optional package, imported only when asked for). Math-Verify reads LaTeX only inside maths delimiters,
+# hence the gold in $...$, and bounds each parse and each comparison with a SIGALRM timeout, which works in
+# the main thread only (where sdpg.py scores).
+MATH_VERIFY_TIMEOUT_S = 2
+
+
+def reward_function(verifier: str):
+    """--verifier's name -> its (completion, gold) -> reward function."""
+    if verifier == "ours":
+        return math_reward
+    try:
+        import math_verify
+    except ImportError:
+        raise SystemExit("error: --verifier math-verify needs the math-verify package: "
+                         "pip install math-verify") from None
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its timeout warnings repeat the whole answer
+
+    def math_verify_reward(completion: str, gold: str) -> float:
+        if not isinstance(completion, str) or not isinstance(gold, str):
+            return 0.0
+        gold_parsed = math_verify.parse(f"${gold}$", parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+        answer = math_verify.parse(completion, parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+        return float(math_verify.verify(gold_parsed, answer, timeout_seconds=MATH_VERIFY_TIMEOUT_S))  # gold first
+
+    return math_verify_reward
+
+
 # R_i = 1 if the verifier accepts y_i, else r_wrong; plus the overlong penalty.
 # An affine change of every reward, R -> a R + b with a > 0, leaves the std-normalised advantage of
 # Eq. 2.1 as it was (up to the 1e-6 in its denominator), so the released script's -1 for a wrong
@@ -1217,8 +1249,9 @@ class Rollouts:
 
 
 def collect_rollouts(sampler, tokenizer, examples: list[dict], args: Args, instruction: str, stop_ids: list[int],
-                     compute: Compute, templates: tuple[str, str] = DEFAULT_TEMPLATES) -> Rollouts:
-    """Samples G answers for each example in one generate call and scores them with the verifier."""
+                     compute: Compute, templates: tuple[str, str] = DEFAULT_TEMPLATES,
+                     reward=math_reward) -> Rollouts:
+    """Samples G answers for each example in one generate call and scores them with the verifier `reward`."""
     G = args.group_size
     texts = [prompt_texts(ex, instruction, templates) for ex in examples]
     student = [encode_prompt(tokenizer, s) for s, _ in texts for _ in range(G)]  # N lists, G copies each
@@ -1231,7 +1264,7 @@ def collect_rollouts(sampler, tokenizer, examples: list[dict], args: Args, instr
                                                args.temperature, args.top_p, stop_ids, tokenizer.pad_token_id)
     completions = decode_responses(tokenizer, response_ids, response_mask)
     golds = [ex["answer"] for ex in examples for _ in range(G)]
-    correct = torch.tensor([math_reward(c, g) for c, g in zip(completions, golds)], device=compute.device)  # (N,)
+    correct = torch.tensor([reward(c, g) for c, g in zip(completions, golds)], device=compute.device)  # (N,)
     rewards = shaped_reward(correct, response_mask.sum(dim=1), args.wrong_reward, args.max_new_tokens,
                             args.overlong_buffer)  # (N,)
     return Rollouts(prompt_ids, prompt_mask, teacher_ids, teacher_mask, response_ids, response_mask,
@@ -1336,12 +1369,12 @@ def build_optimizer(model: nn.Module, args: Args):
 
 
 def training_step(step: int, examples: list[dict], model, ref_model, sampler, tokenizer, optimizer, scheduler,
-                  stop_ids: list[int], args: Args, compute: Compute, templates: tuple[str, str]) -> dict:
+                  stop_ids: list[int], args: Args, compute: Compute, templates: tuple[str, str], reward) -> dict:
     """Training step k (1-based) on this rank's examples: sample G answers to each with the current
     weights, score them with the verifier, update. Returns the step's metrics row (means over ranks)."""
     t0 = time.time()
     refresh_sampler(sampler, model)  # on-policy: the answers come from the weights being trained
-    rb = collect_rollouts(sampler, tokenizer, examples, args, args.instruction, stop_ids, compute, templates)
+    rb = collect_rollouts(sampler, tokenizer, examples, args, args.instruction, stop_ids, compute, templates, reward)
     beta_k = beta_schedule(step, args.steps, args.beta, args.beta_warmup, args.beta_decay)
     sums = policy_update(model, ref_model, optimizer, scheduler, rb, beta_k, args, compute)
     row = {"step": step, "reward_mean": rb.rewards.mean().item(), **sums, "beta": beta_k,
@@ -1612,8 +1645,8 @@ def load_states(model: nn.Module, optimizer, weights: dict, optim_state: dict) -
 
 def evaluate(model, tokenizer, examples: list[dict], instruction: str, stop_ids: list[int], max_new_tokens: int,
              batch_size: int, compute: Compute, samples: int = 1, temperature: float = 0.0,
-             templates: tuple[str, str] = DEFAULT_TEMPLATES) -> list[float]:
-    """Per question, the fraction of its `samples` answers at `temperature` that the verifier accepts.
+             templates: tuple[str, str] = DEFAULT_TEMPLATES, reward=math_reward) -> list[float]:
+    """Per question, the fraction of its `samples` answers at `temperature` that the verifier `reward` accepts.
     With the defaults (one greedy answer) each is 1.0 or 0.0 and their mean is greedy pass@1; with
     samples=K and a temperature it is mean@K."""
     model.eval()
@@ -1627,12 +1660,12 @@ def evaluate(model, tokenizer, examples: list[dict], instruction: str, stop_ids:
             resp, resp_mask = generate(model, ids, mask, max_new_tokens, temperature, 1.0, stop_ids,
                                        tokenizer.pad_token_id)
         texts = decode_responses(tokenizer, resp, resp_mask)
-        correct += [math_reward(t, ex["answer"]) for t, ex in zip(texts, batch)]
+        correct += [reward(t, ex["answer"]) for t, ex in zip(texts, batch)]
     return [sum(correct[q * samples:(q + 1) * samples]) / samples for q in range(len(examples))]
 
 
 def evaluation_metrics(model, tokenizer, held_out: list[dict], instruction: str, templates: tuple[str, str],
-                       stop_ids: list[int], args: Args, compute: Compute) -> dict:
+                       stop_ids: list[int], args: Args, compute: Compute, reward=math_reward) -> dict:
     """eval_accuracy (greedy pass@1) and, with --eval-samples K, eval_mean_at_k (mean@K). Under torchrun each
     rank answers every world-th question and the sums are added up."""
     batch = args.batch_prompts * args.group_size
@@ -1640,7 +1673,7 @@ def evaluation_metrics(model, tokenizer, held_out: list[dict], instruction: str,
 
     def fraction_right(k: int, temperature: float) -> float:  # over all ranks' questions
         mine = evaluate(model, tokenizer, held_out[rank::world], instruction, stop_ids, args.max_new_tokens, batch,
-                        compute, k, temperature, templates)
+                        compute, k, temperature, templates, reward)
         return global_sum({"right": sum(mine)})["right"] / len(held_out)
 
     row = {"eval_accuracy": fraction_right(1, 0.0)}
@@ -1869,6 +1902,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: Args, compute: Compute) -> None:
     """The run on this process (rank): models, data, then the training steps with their evaluations and
     checkpoints."""
+    reward = reward_function(args.verifier)
     templates = read_templates(args.student_template, args.teacher_template)
     rank, world = rank_and_world()
     seed_everything(args.seed + rank)  # each rank samples its own answers; the data order below is shared
@@ -1893,7 +1927,7 @@ def run(args: Args, compute: Compute) -> None:
     print(describe_run(args, model, len(train), len(held_out), compute, start_step if resume_from else None))
     if start_step == 1:
         row = {"step": 0, **evaluation_metrics(sampler, tokenizer, held_out, args.instruction, templates, stop_ids,
-                                               args, compute)}
+                                               args, compute, reward)}
         log_row(metrics_file, row)
         print(format_row(row))
 
@@ -1904,11 +1938,11 @@ def run(args: Args, compute: Compute) -> None:
             batch, queue = next_batch(queue, order, len(train), args.batch_prompts)
             examples = [train[i] for i in rank_share(batch, args.updates_per_batch, rank, world)]  # all, in 1 process
             row = training_step(step, examples, model, ref_model, sampler, tokenizer, optimizer, scheduler,
-                                stop_ids, args, compute, templates)
+                                stop_ids, args, compute, templates, reward)
             if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
                 refresh_sampler(sampler, model)  # evaluate the weights after this step's update
                 row.update(evaluation_metrics(sampler, tokenizer, held_out, args.instruction, templates, stop_ids,
-                                              args, compute))
+                                              args, compute, reward))
             log_row(metrics_file, row)
             tqdm.write(format_row(row))
             bad_in_a_row = count_bad_steps(bad_in_a_row, row["skipped_updates"])

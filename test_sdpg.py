@@ -1593,14 +1593,25 @@ _FUZZ_TOKENS = list("0123456789{}\\()[],./-+$%=^ abxyz\n") + [
     "\\boxed", "\\fbox", "\\frac", "\\text", "\\left", "\\right", "\\times", "10^",
     "e9", "####", "answer is", "Answer:", "\u2212", "{,}", "\\,", "\\infty",
     "\\sqrt", "\\pi", "\\pm", "\\in", "\\cdot", ";", " and ", "\nQuestion:", "$", "\\{", "\\}", "x^",
+    "\\begin{pmatrix}", "\\end{pmatrix}", "\\begin{bmatrix}", "\\end{bmatrix}", "&", "\\\\", "\\geq", "\\leq",
+    "\\neq", "<", ">", "\\!", "\\ ", ":", "|", "AB", " = 0",
 ]
+
+
+# junk put inside the shapes that the relation, equation and matrix rules read, so that it reaches them
+_FUZZ_SHAPES = ["{}", "{}", "{} = {}", "{} \\geq {}", "x < {}", "\\begin{{pmatrix}} {} & {} \\\\ {} \\end{{pmatrix}}"]
 
 
 def test_fuzz_never_raises():
     rng = random.Random(1234)
+
+    def junk(most):
+        shape = rng.choice(_FUZZ_SHAPES)
+        return shape.format(*("".join(rng.choice(_FUZZ_TOKENS) for _ in range(rng.randint(0, most)))
+                              for _ in range(shape.count("{}"))))
+
     for _ in range(3000):
-        text = "".join(rng.choice(_FUZZ_TOKENS) for _ in range(rng.randint(0, 40)))
-        other = "".join(rng.choice(_FUZZ_TOKENS) for _ in range(rng.randint(0, 12)))
+        text, other = junk(40), junk(12)
         answer = extract_answer(text)
         assert answer is None or isinstance(answer, str)
         assert is_equiv(text, other) in (True, False)
@@ -1734,6 +1745,132 @@ def test_closed_form_limits_are_fast():
         assert time.perf_counter() - start < HANG_S, text[:30]
 
 
+# --- third round: relations, matrices, equations and edge forms that MATH answers use ----------------
+
+@pytest.mark.parametrize("pred,gold,same", [
+    (r"x \geq 5", r"5 \leq x", True), (r"x \ge 5", "x >= 5", True), ("x ≥ 5", r"x \geqslant 5", True),
+    ("-x > -1", "x < 1", True), (r"x \neq 3", r"3 \ne x", True), ("2x > 4", "x > 2", True),
+    ("3(x+1) < 6", "x < 1", True), (r"\frac{x}{2} \geq 1", r"x \geq 2", True), (r"x \lt 2", "x < 2", True),
+    (r"x > \sqrt{2}", r"\sqrt{2} < x", True), (r"-\sqrt{2}x > 2", r"x < -\sqrt{2}", True),
+    (r"t \leq -\frac{3}{2}", r"-2t \geq 3", True), (r"\theta > 0", r"0 < \theta", True),
+    ("x > 0", r"x \geq 0", False), ("x < 1", "x > 1", False), ("-x > -1", "x > 1", False),
+    (r"5 \leq x", r"x \leq 5", False), (r"x \neq 3", "x = 3", False), (r"x \neq 3", "3", False),
+    (r"x \geq 5", "5", False), ("y > 2", "x > 2", False), ("2x > 4", "x > 4", False),
+    ("x^2 > 4", "x > 2", False), (r"\frac{2}{x} > 1", "x < 2", False),  # not linear: other solution sets
+    ("x^2 > 4", "x > 4", False), (r"\frac{2}{x+1} > 1", "x < 1", False),  # what reading them at 0 and 1 gives
+    ("x + y > 1", "y > 1 - x", False),  # two variables: not compared as a relation (P)
+    ("x > 2", r"(2, \infty)", False),  # a relation is not an interval (P)
+    ("x - x > -1", "0 < 1", False),  # no variable left: no solution set to compare
+])
+def test_relations_compare_as_solution_sets(pred, gold, same):
+    """Guards against a relation read without its sign flipped (5 <= x is x >= 5, -x > -1 is x < 1), against
+    strict and non-strict signs taken as one (x > 0 is not x >= 0), and against non-linear ones compared."""
+    assert is_equiv(pred, gold) is same and is_equiv(gold, pred) is same
+
+
+MATRIX = r"\begin{pmatrix} 0 & 3 \\ 0 & -1 \end{pmatrix}"
+
+
+@pytest.mark.parametrize("pred,gold,same", [
+    (MATRIX, r"\begin{bmatrix}0&3\\0&-1\end{bmatrix}", True),
+    (r"\begin{pmatrix} \frac12 \\ \sqrt{8} \\ \end{pmatrix}", r"\begin{pmatrix} 0.5 \\ 2\sqrt{2} \end{pmatrix}", True),
+    (r"\mathbf{M} = " + MATRIX, MATRIX, True), (r"\begin{pmatrix} x + 1 & 2x \end{pmatrix}",
+                                                 r"\begin{pmatrix} 1 + x & x + x \end{pmatrix}", True),
+    (MATRIX, r"\begin{pmatrix} 0 & 3 \\ 0 & 1 \end{pmatrix}", False),  # one wrong entry
+    (MATRIX, r"\begin{pmatrix} 0 & 0 \\ 3 & -1 \end{pmatrix}", False),  # transposed
+    (MATRIX, r"\begin{pmatrix} 0 & 3 & 0 & -1 \end{pmatrix}", False),  # the same entries, another shape
+    (MATRIX, r"\begin{pmatrix} 0 & 3 \\ 0 & -1 \\ 0 & 0 \end{pmatrix}", False),
+    (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", "(1, 2)", False),  # a matrix is compared with matrices only (P)
+    (r"\begin{vmatrix} 2 & 0 \\ 0 & 1 \end{vmatrix}", "2", False),  # a determinant is not read
+    (r"\begin{pmatrix} 1 & 2 \\ 3 \end{pmatrix}", r"\begin{pmatrix} 1 & 2 \\ 3 & 0 \end{pmatrix}", False),
+])
+def test_matrices_compare_entry_by_entry(pred, gold, same):
+    """Guards against matrices compared by shape or by their list of entries, and against a wrong entry."""
+    assert is_equiv(pred, gold) is same and is_equiv(gold, pred) is same
+
+
+def test_a_boxed_matrix_is_extracted_whole():
+    """Guards against a box cut at the matrix's first row break or first closing brace."""
+    gold = r"\begin{bmatrix} 0 & 3 \\ 0 & -1 \end{bmatrix}"
+    assert math_reward(rf"So $\mathbf{{A}} = \boxed{{{MATRIX}}}$.", gold) == 1.0
+    assert math_reward(rf"So $\boxed{{{MATRIX}}}$.", gold.replace("0 & -1", "1 & -1")) == 0.0
+
+
+@pytest.mark.parametrize("pred,gold,same", [
+    (r"y = -\frac{1}{2}x + \frac{3}{4}", "2x + 4y - 3 = 0", True), ("5 = x", "x = 5", True), ("2x = 10", "x = 5", True),
+    ("c = 7 - 11a", "7 = 11a + c", True), ("x^2 = 4x + 2", "x^2 - 4x - 2 = 0", True),
+    (r"\sqrt{2}x + \sqrt{2}y = \sqrt{2}", "x + y = 1", True), ("-(x + y) = -3", r"\frac{x+y}{3} = 1", True),
+    ("0 = 0", "2x + 4y - 3 = 0", False), ("0(2x + 4y - 3) = 0", "2x + 4y - 3 = 0", False),  # factor 0
+    (r"0 \cdot y = 0", "y = 0", False), ("x(2x + 4y - 3) = 0", "2x + 4y - 3 = 0", False),  # factor x
+    ("2x + 4y - 3", "2x + 4y - 3 = 0", False), ("2x + 4y", "2x + 4y - 3 = 0", False),  # not an equation
+    ("1 = 2", "3 = 4", False), ("x = x", "y = 2y", False),  # no variable left in lhs - rhs
+    ("y = 2x + 3", "y = 3x + 2", False), ("y = 2x", "x = 2y", False), ("x + y = 1", "x + z = 1", False),
+    ("x = 5", "x^2 = 25", False), ("2x + 4y = 3, y = 1", "2x + 4y = 3", False),
+    (r"y = \frac{1}{x}", "xy = 1", False),  # equal for x != 0, but only constant factors are compared (P)
+])
+def test_equations_equal_up_to_a_nonzero_factor(pred, gold, same):
+    """Guards against equations compared as text (y = -x/2 + 3/4 is 2x + 4y - 3 = 0) and against the
+    degenerate matches a policy could use: 0 = 0, a factor of 0 or of a variable, an expression without '='."""
+    assert is_equiv(pred, gold) is same and is_equiv(gold, pred) is same
+
+
+@pytest.mark.parametrize("degenerate", ["0 = 0", "1 = 1", "x = x", "0x = 0", "x - x = 0", r"0 \cdot x = 0"])
+def test_a_degenerate_equation_matches_no_equation(degenerate):
+    for gold in EQUATION_GOLDS + ["y = 2x + 1", "2x + 4y - 3 = 0"]:
+        assert math_reward(rf"\boxed{{{degenerate}}}", gold) == 0.0, gold
+
+
+@pytest.mark.parametrize("pred,gold,same", [
+    (r"11,\! 111,\! 100", "11111100", True), (r"11,\!111,\!100", "11,111,100", True),
+    (r"11,\! 111,\! 100", "11, 111, 100", False), (r"0,\! 111", "111", False), (r"1,\! 23", "123", False),
+    (r"1,\ 2,\ 3", r"\{1, 2, 3\}", True), (r"\{-1,\ 4\}", "4, -1", True), (r"(1,\ 2)", "(1, 2)", True),
+    (r"1,\ 2", "1, 2, 3", False),
+    ("|AB| = 1", "1", True), ("A:B = 1", "1", True), ("S_{ABC}:S = 7:32", "7:32", True), ("AB = 5", "5", True),
+    (r"A:B = 1", "2", False), ("|x| = 5", "5", False), ("xy = 0", "0", False),  # |x|, xy are no labels
+    ("S_{ABC}:S = 7:32", "7/32", False),  # a ratio stays a ratio: 6:30 is not the time 3:15 (P)
+])
+def test_edge_forms_models_write(pred, gold, same):
+    """Guards against thin-space thousands separators read as lists, '\\ ' breaking a list, and label left
+    sides (|AB|, A:B, S_{ABC}:S) kept; and against |x| and xy, which are values, taken as labels."""
+    assert is_equiv(pred, gold) is same and is_equiv(gold, pred) is same
+
+
+@pytest.mark.parametrize("completion,gold,reward", [
+    (r"The roots are $\boxed{1}, \boxed{2}, \boxed{3}$.", r"\{1,2,3\}", 1.0),
+    (r"The roots are $\boxed{3}, \boxed{1}, \boxed{2}$.", r"\{1, 2, 3\}", 1.0),
+    (r"The roots are $\boxed{1}, \boxed{2}$.", r"\{1,2,3\}", 0.0),
+    (r"The roots are $\boxed{1}, \boxed{2}, \boxed{4}$.", r"\{1,2,3\}", 0.0),
+    (r"So $\boxed{x \geq 5}$.", r"[5, \infty)", 0.0),
+])
+def test_several_boxes_against_a_set_gold(completion, gold, reward):
+    assert math_reward(completion, gold) == reward
+
+
+def test_new_forms_within_the_caps_are_fast():
+    """Guards against a relation, equation or matrix that stalls the verifier: each pair is decided in well under
+    a second, and the well-formed ones are still read (each equals another spelling of itself, which a check
+    that gave up on it and compared text would not see)."""
+    row = " & ".join(["1"] * 15)
+    big_matrix = r"\begin{pmatrix}" + row + (r" \\ " + row) * 14 + r"\end{pmatrix}"
+    tall_matrix = r"\begin{pmatrix}" + r"1 \\ " * 190 + r"\end{pmatrix}"
+    deep = "(" * 29 + "x" + ")" * 29
+    root = r"9^{64}\sqrt{99999989}"
+    for text, other, equal in [
+        (big_matrix, big_matrix.replace("pmatrix", "bmatrix"), True),
+        (tall_matrix, tall_matrix.replace("pmatrix", "bmatrix"), True),
+        (deep + " > 1", "1 < " + deep, True), (f"x > {root}", f"{root} < x", True),
+        ("(1+x)^{64} = (1+y)^{64}", "(1+y)^{64} = (1+x)^{64}", True), ("x" + "+x" * 95 + " = 1", "96x = 1", True),
+        ("(1+x)^{64} > 0", "0 < (1+x)^{64}", False),  # not linear: refused, quickly
+        (deep + " = " + deep.replace("x", "y"), "x - y = 0", True), ("x = " + "x" * 190, "x = x^{190}", False),
+        (r"\begin{pmatrix}" * 60, r"\begin{bmatrix}" * 60, False), ("x > " * 200, "x < " * 200, False),
+    ]:
+        assert len(text) <= 1000 and len(other) <= 1000
+        start = time.perf_counter()
+        assert is_equiv(text, other) is equal, text[:40]
+        assert math_reward(rf"\boxed{{{text}}}", "x > 1") in (0.0, 1.0)
+        assert time.perf_counter() - start < HANG_S, text[:40]
+
+
 def test_every_gsm8k_train_solution_scores_1_plain_and_boxed():
     """Guards against a verifier rule that rejects the answers GSM8K's own reference solutions give."""
     path = os.path.join(GSM8K_DIR, "train.jsonl")
@@ -1750,6 +1887,98 @@ def test_every_gsm8k_train_solution_scores_1_plain_and_boxed():
             bad.append(row["answer"][-60:])
     assert not bad, bad[:5]
 
+
+# --- --verifier: ours, or Hugging Face's Math-Verify -------------------------------------------------
+
+def test_the_verifier_flag_scores_the_rollouts_and_the_evaluation(tmp_path, monkeypatch):
+    """Guards against --verifier parsed but not used: main builds the reward function once, from Args, and
+    both the training rollouts and every evaluation score with it (this one accepts every answer)."""
+    built = []
+
+    def reward_function(name):
+        built.append(name)
+        return lambda completion, gold: 1.0
+
+    monkeypatch.setattr(sdpg, "reward_function", reward_function)
+    sdpg.main(SMALL_RUN + ["--steps", "1", "--batch-prompts", "2", "--group-size", "2", "--eval-n", "2",
+                           "--output-dir", str(tmp_path), "--verifier", "math-verify"])
+    rows = _rows(tmp_path / "metrics.jsonl")
+    assert built == ["math-verify"]
+    assert rows[0]["eval_accuracy"] == rows[1]["eval_accuracy"] == rows[1]["reward_mean"] == 1.0
+
+
+def test_math_verify_missing_gets_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # as if it were not installed: the import fails
+    with pytest.raises(SystemExit) as e:
+        sdpg.main(["--model", "tiny", "--verifier", "math-verify", "--output-dir", str(tmp_path / "run")])
+    assert e.value.code == "error: --verifier math-verify needs the math-verify package: pip install math-verify"
+    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
+    assert sdpg.reward_function("ours") is math_reward and sdpg.parse_args([]).verifier == "ours"
+
+
+@pytest.mark.parametrize("completion,gold,reward", [
+    (r"So $\boxed{\frac{1}{2}}$.", "0.5", 1.0), (r"So $\boxed{3}$.", "4", 0.0), ("3 + 4 = 7\n#### 7", "7", 1.0),
+    (r"So $\boxed{5 \leq x}$.", r"x \geq 5", 1.0), (rf"So $\boxed{{{MATRIX}}}$.", MATRIX, 1.0),
+    (rf"So $\boxed{{{MATRIX}}}$.", MATRIX.replace("-1", "1"), 0.0), (None, "1", 0.0), (r"$\boxed{1}$", None, 0.0),
+])
+def test_math_verify_reward(completion, gold, reward):
+    pytest.importorskip("math_verify", reason="Math-Verify is optional (pip install math-verify); CI installs it")
+    assert sdpg.reward_function("math-verify")(completion, gold) == reward
+
+
+def test_math_verify_time_is_bounded(monkeypatch):
+    """Guards against a Math-Verify call without our timeouts (its defaults are 5 s per call): every parse and the
+    comparison get MATH_VERIFY_TIMEOUT_S (checked on the calls, not on the clock), and a power tower that SymPy
+    would work on for minutes comes back (a bound against a hang only)."""
+    math_verify = pytest.importorskip("math_verify", reason="Math-Verify is optional (pip install math-verify); "
+                                                            "CI installs it")
+    monkeypatch.setattr(sdpg, "MATH_VERIFY_TIMEOUT_S", 1)
+    calls = []
+
+    def recording(name: str, timeout_key: str):
+        real = getattr(math_verify, name)
+
+        def call(*args, **kwargs):
+            calls.append((name, kwargs.get(timeout_key)))
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(math_verify, "parse", recording("parse", "parsing_timeout"))
+    monkeypatch.setattr(math_verify, "verify", recording("verify", "timeout_seconds"))
+    reward = sdpg.reward_function("math-verify")
+    start = time.perf_counter()
+    assert reward(r"So $\boxed{9^{9^{9^{9}}}}$.", "1") == 0.0
+    assert time.perf_counter() - start < HANG_S
+    assert calls == [("parse", 1), ("parse", 1), ("verify", 1)]
+
+
+
+def test_the_math_style_set_differs_from_its_hand_labels_only_by_stated_policy():
+    """The MATH-style cases of benchmarks/verifier_agreement.py carry a hand label (would a careful grader accept
+    the answer?). Guards against a rule that drifts from it: ours may differ only where a note names the policy."""
+    from verifier_agreement import MATH_STYLE, completion_of
+    assert len(MATH_STYLE) >= 100 and len({(answer, gold) for answer, gold, *_ in MATH_STYLE}) == len(MATH_STYLE)
+    off = [(answer, gold) for answer, gold, right, _, note in MATH_STYLE
+           if (math_reward(completion_of(answer), gold) == 1.0) is not (right is not note.startswith("P:"))]
+    assert not off, off
+
+
+def test_verifier_agreement_smoke(tmp_path, monkeypatch):
+    pytest.importorskip("math_verify", reason="Math-Verify is optional (pip install math-verify); CI installs it")
+    import verifier_agreement
+    rows = [{"question": "q", "answer": "2 + 2 = <<2+2=4>>4\n#### 4"},
+            {"question": "q", "answer": "She answered 3 of them, then 3 + 2 = <<3+2=5>>5.\n#### 5"}]
+    gsm8k = _write_jsonl(tmp_path / "train.jsonl", rows)
+    monkeypatch.setattr(verifier_agreement, "MATH_STYLE", [("2x > 4", "x > 2", True, "relation", ""),
+                                                           ("0.333333", r"\frac{1}{3}", False, "fraction", "")])
+    monkeypatch.setattr(sys, "argv", ["verifier_agreement.py", "--gsm8k", gsm8k, "--out", str(tmp_path)])
+    verifier_agreement.main()
+    result = json.loads((tmp_path / "verifier_agreement.json").read_text())
+    assert result["gsm8k_train"] == {"cases": 4, "agree": 3, "both_accept": 3, "both_refuse": 0, "only_ours": 1,
+                                     "only_math_verify": 0}
+    assert [(r["ours"], r["math_verify"]) for r in result["math_style_cases"]] == [(True, False), (False, True)]
+    report = (tmp_path / "verifier_agreement.md").read_text()
+    assert "Math-Verify accepts a wrong answer" in report and "an earlier number is taken: 1" in report
 
 # -----------------------------------------------------------------------------
 # Reliability: interrupt and resume, atomic checkpoints, NaN guard, clear errors

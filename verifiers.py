@@ -31,15 +31,32 @@ Equivalence rules (P marks a policy choice; the rest is mathematics)
       no tolerance (P): ``0.5 == 1/2 == \frac{1}{2}`` but ``0.333 != 1/3``; big
       integers are exact; ``1e3`` and ``1.5\times10^{3}`` are rationals too.
     * A comma is a thousands separator only in an unbroken digit string with
-      groups of exactly three after a non-zero lead (``1,000``, ``14{,}916``);
-      anywhere else it separates items: ``5, 125`` and ``0,111`` are lists (P).
+      groups of exactly three after a non-zero lead (``1,000``, ``14{,}916``,
+      and ``11,\! 111,\! 100``: spaces after ``,\!`` do not break it); anywhere
+      else it separates items: ``5, 125`` and ``0,111`` are lists (P).
     * Percent signs, currency, units and degrees are dropped (P): ``50% == 50``,
       ``$18 == 18 dollars``, ``90^\circ == 90``; scale words ("million") and ``i``
       are not units.
     * An equation loses its left side only when that side is a label (``x``,
-      ``a_3``, ``f(x)``, ``\theta``, ``(x, y)``, ``\text{r}``); ``x \in S`` is S.
-      Otherwise the equation is compared whole, so ``0`` never matches
-      ``x^2 - 4x - 2 = 0`` (P). Comparisons (<=, >=, !=) stay whole.
+      ``a_3``, ``f(x)``, ``\theta``, ``(x, y)``, ``\text{r}``, ``AB``, ``|AB|``,
+      ``A:B``, ``S_{ABC}:S``; not ``|x|`` or ``xy``, which have values); ``x \in S``
+      is S. Otherwise the equation is kept whole, so ``0`` never matches
+      ``x^2 - 4x - 2 = 0`` (P).
+    * Two equations match when lhs - rhs of one is a nonzero constant multiple
+      of the other's at the fixed points of the closed forms below
+      (``y = -\frac{1}{2}x + \frac{3}{4} == 2x + 4y - 3 = 0``, ``5 = x == x = 5``).
+      One with no variable left in lhs - rhs (``0 = 0``) matches none; a factor
+      that is 0 or holds a variable does not count (so ``y = 1/x`` is not
+      ``xy = 1``), and an expression never matches an equation (P).
+    * A relation (``<``, ``>``, ``\leq``, ``\geq``, ``\neq``; also ``\le``, ``>=``
+      and the unicode signs) that is linear in its one variable, with a
+      coefficient of one term (``2``, ``-\sqrt{2}``), is its solution set:
+      ``5 \leq x == x \geq 5``, ``-x > -1 == x < 1``, ``x > 0 != x \geq 0``.
+      Others (``x^2 > 4``, two variables, ``1 < x < 2``) are compared as text;
+      a relation is not an interval or a number (P).
+    * ``pmatrix`` and ``bmatrix`` matrices are compared entry by entry, shape
+      included; a matrix matches only a matrix, not the tuple ``(1, 2)`` (P);
+      ``vmatrix`` (a determinant) is not read.
     * ``(1, 2)``, ``[1, 2)``: ordered tuples and intervals, brackets must match.
       A bare list (commas, ``;``, ``and``, ``or``, ``\{1, 3\}``, ``a \pm b``) is
       a multiset of answers: order does not matter, the count does (P).
@@ -251,8 +268,14 @@ _BRACED_COMMA = re.compile(r"\s*\{\s*,\s*\}\s*")
 _BARE_FRAC = re.compile(r"\\frac\s*([0-9A-Za-z])\s*([0-9A-Za-z])")
 _SEPARATOR_WORD = re.compile(r"\s*,?\s+(?:and|or)\s+")
 _DIGIT_SPACE_DIGIT = re.compile(r"(?<=\d) +(?=\d)")
+_THIN_SPACE_SEPARATOR = re.compile(r"(?<=\d),\\!\s+(?=\d)")  # '11,\! 111' is '11,\!111': one number
+# \geq, \le, \neq, ... and their unicode signs are written >=, <=, != (read by _relation)
+_RELATION_SIGN = re.compile(r"\\(geqslant|geq|ge|gt|leqslant|leq|le|lt|neq|ne)(?![A-Za-z])|([\u2265\u2264\u2260])")
+_SIGNS = {"geqslant": ">=", "geq": ">=", "ge": ">=", "gt": ">", "leqslant": "<=", "leq": "<=", "le": "<=",
+          "lt": "<", "neq": "!=", "ne": "!=", "\u2265": ">=", "\u2264": "<=", "\u2260": "!="}
 # (literal, replacement), applied in order
 _REPLACEMENTS = (
+    ("\\\\", " \\cr "),  # a matrix row ends with \\ (TeX's \cr); first, so that '\\ 0' is not read as '\ ' + '0'
     ("\u2212", "-"), ("\u00a0", " "), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"),
     ("\\,", " "), ("\\!", ""), ("\\;", " "), ("\\:", " "), ("\\ ", " "),
     ("~", " "), ("\\qquad", " "), ("\\quad", " "),
@@ -283,7 +306,9 @@ def _normalize(s: str) -> str:
     if len(s) > _MAX_ANSWER_CHARS:
         return ""
     s = _BRACED_COMMA.sub(",", _unwrap_text_commands(s))  # '14{,}916', '14 { , } 916' -> '14,916'
+    s = _THIN_SPACE_SEPARATOR.sub(",", s)
     s = _LEFT_RIGHT.sub("", s)
+    s = _RELATION_SIGN.sub(lambda m: _SIGNS[m.group(1) or m.group(2)], s)
     for old, new in _REPLACEMENTS:
         s = s.replace(old, new)
     s = _DIGIT_SPACE_DIGIT.sub(",", " ".join(s.split()))  # "1\,000" -> "1 000" -> "1,000"
@@ -377,6 +402,10 @@ def _point_value(name: str, j: int) -> Fraction:
 
 class _Refuse(Exception):
     """A closed form this module will not decide (a limit hit, an unknown command, a non-integer power)."""
+
+
+# what reading or computing with a closed form may raise; each means: no value, no match
+_FORM_ERRORS = (_Refuse, ArithmeticError, ValueError, KeyError, IndexError, RecursionError)
 
 
 def _form_tokens(s: str) -> list[tuple[str, str]]:
@@ -620,6 +649,17 @@ def _variables(node: tuple) -> set[str]:
     return set().union(*(_variables(child) for child in node[1:] if isinstance(child, tuple)))
 
 
+def _parse_form(s: str) -> tuple:
+    """The tree of a whole closed form; raises _Refuse for anything else."""
+    if len(s) > _MAX_FORM_CHARS:
+        raise _Refuse("length")
+    parser = _FormParser(_form_tokens(s))
+    tree = parser.expr()
+    if parser.peek()[0] != "end":
+        raise _Refuse("trailing text")
+    return tree
+
+
 def _closed_form(s: str) -> Fraction | tuple | None:
     """A canonical value for a closed form: a Fraction when it is rational, else a comparable key; None refuses.
 
@@ -627,13 +667,8 @@ def _closed_form(s: str) -> Fraction | tuple | None:
     it is the tuple of exact values at three fixed points. Only a division by a sum of surds falls back to
     60-digit decimals, kept to 30 significant digits, and never when the text holds a decimal point.
     """
-    if len(s) > _MAX_FORM_CHARS:
-        return None
     try:
-        parser = _FormParser(_form_tokens(s))
-        tree = parser.expr()
-        if parser.peek()[0] != "end":
-            return None
+        tree = _parse_form(s)
         names = _variables(tree)
         if len(names) > _MAX_VARIABLES:
             return None
@@ -649,8 +684,111 @@ def _closed_form(s: str) -> Fraction | tuple | None:
         if not names and all(key == (1, 0) for key, _ in values[0]):
             return values[0][0][1] if values[0] else Fraction(0)
         return ("exact", values)
-    except (_Refuse, ArithmeticError, ValueError, KeyError, IndexError, RecursionError):
+    except _FORM_ERRORS:
         return None
+
+
+# --- matrices: entry by entry ------------------------------------------------------------------
+
+_MATRIX = re.compile(r"\\begin\{([pb])matrix\}(.*)\\end\{\1matrix\}")
+
+
+def _matrix(s: str, depth: int) -> tuple | None:
+    """'\\begin{pmatrix} 1 & 2 \\cr 3 & 4 \\end{pmatrix}' (or bmatrix) -> ('matrix', rows of entry values);
+    None unless every entry has a value (an empty one has none)."""
+    m = _MATRIX.fullmatch(s)
+    if m is None or depth >= _MAX_DEPTH:
+        return None
+    rows = [row.split("&") for row in m.group(2).split("\\cr")]
+    if len(rows) > 1 and not rows[-1][0].strip() and len(rows[-1]) == 1:
+        rows.pop()  # a \\ before \end{pmatrix}
+    values = tuple(tuple(_value(entry.strip(), depth + 1) for entry in row) for row in rows)
+    if any(None in row for row in values):
+        return None
+    return ("matrix", values)
+
+
+# --- relations: solution sets of what is linear in one variable -------------------------------
+
+_RELATION = re.compile(r"(<=|>=|!=|<|>)")  # after _normalize has spelled \geq, \le, \neq, ... this way
+_FLIPPED = {"<": ">", ">": "<", "<=": ">=", ">=": "<=", "!=": "!="}
+
+
+def _difference(lhs: str, rhs: str) -> tuple:
+    """The tree of lhs - rhs, two closed forms."""
+    return ("add", _parse_form(lhs), ("neg", _parse_form(rhs)))
+
+
+def _degree(node: tuple) -> int:
+    """The degree of a tree as a polynomial in its variables; _Refuse when it is none (a variable under a
+    fraction bar, a root or a power that is not a plain integer)."""
+    kind = node[0]
+    if kind in ("num", "pi", "var"):
+        return int(kind == "var")
+    if kind == "neg":
+        return _degree(node[1])
+    if kind in ("add", "mul"):
+        a, b = _degree(node[1]), _degree(node[2])
+        return max(a, b) if kind == "add" else a + b
+    if kind in ("div", "sqrt"):
+        if _degree(node[-1]) != 0:
+            raise _Refuse("variable in a denominator or a root")
+        return _degree(node[1]) if kind == "div" else 0
+    base, exponent = _degree(node[1]), node[2]  # pow
+    if base and exponent[0] == "num" and exponent[1].isdigit():
+        return base * int(exponent[1])
+    if base or _degree(exponent):
+        raise _Refuse("variable in a power")
+    return 0
+
+
+def _relation(s: str) -> tuple | None:
+    """'x >= 5', '5 <= x', '-2x < -10': ('relation', variable, sign, bound) with the variable alone on the
+    left, so equal solution sets give equal values. None unless s is one relation, linear in one variable."""
+    parts = _RELATION.split(s)
+    if len(parts) != 3:
+        return None
+    lhs, sign, rhs = parts
+    try:
+        tree = _difference(lhs, rhs)  # a x + b, compared with 0
+        names = _variables(tree)
+        if len(names) != 1 or _degree(tree) != 1:
+            return None
+        (name,) = names
+        b = _exact(tree, {name: Fraction(0)})
+        a = _exact_add(_exact(tree, {name: Fraction(1)}), {key: -coef for key, coef in b.items()})
+        # -b / a; _exact_inverse refuses a = 0 and a sum of surds (whose sign is not read off without decimals)
+        bound = {key: -coef for key, coef in _exact_mul(b, _exact_inverse(a)).items()}
+        positive = next(iter(a.values())) > 0  # one term c sqrt(r) pi^k: its sign is the sign of c
+        return ("relation", name, sign if positive else _FLIPPED[sign], tuple(sorted(bound.items())))
+    except _FORM_ERRORS:
+        return None
+
+
+# --- equations: the same up to a nonzero factor ----------------------------------------------
+
+_EQUATION_SIGN = re.compile(r"(?<![<>!])=")
+
+
+def _same_equation(a: str, b: str) -> bool:
+    """'y = -\\frac{1}{2}x + \\frac{3}{4}' and '2x + 4y - 3 = 0': is lhs - rhs of one a nonzero constant multiple
+    of the other's? Compared exactly at the fixed points; an equation without a variable (0 = 0) matches none."""
+    sides = [_EQUATION_SIGN.split(s) for s in (a, b)]
+    if any(len(pair) != 2 for pair in sides):
+        return False
+    try:
+        trees = [_difference(*pair) for pair in sides]
+        names = _variables(trees[0]) | _variables(trees[1])
+        if not (_variables(trees[0]) and _variables(trees[1])) or len(names) > _MAX_VARIABLES:
+            return False
+        points = [{name: _point_value(name, j) for name in names} for j in range(3)]
+        p, q = ([_exact(tree, point) for point in points] for tree in trees)
+        # p = k q with one k != 0: at a point where neither is 0, p_j q_i == p_i q_j at every other point j
+        i = next((j for j in range(3) if p[j] and q[j]), None)
+        return i is not None and all(_exact_mul(p[j], q[i]) == _exact_mul(p[i], q[j]) for j in range(3))
+    except _FORM_ERRORS:
+        return False
+
 
 # --- structured values ---------------------------------------------------------
 
@@ -684,8 +822,10 @@ def _encloses(s: str) -> bool:
     return False
 
 
-# one name on the left of '=' or '\in': x, a_3, x_{12}, f(x), \theta, or r after \text{r} was unwrapped
-_LABEL = re.compile(r"(?:[A-Za-z]|\\[A-Za-z]+)(?:_(?:\w|\{\w+\}))?(?:\([A-Za-z, ]*\))?")
+# one name on the left of '=' or '\in': x, a_3, x_{12}, f(x), \theta, r after \text{r} was unwrapped, a segment
+# or an area (AB, |AB|, S_{ABC}) or a ratio of names (A:B, S_{ABC}:S)
+_NAME = r"(?:[A-Za-z]|[A-Z]{2,3}|\\[A-Za-z]+)(?:_(?:\w|\{\w+\}))?"
+_LABEL = re.compile(rf"{_NAME}(?:\([A-Za-z, ]*\))?|\|[A-Z]{{2,3}}\||{_NAME} ?: ?{_NAME}")
 
 
 def _is_label(s: str) -> bool:
@@ -720,6 +860,9 @@ def _value(s: str, depth: int = 0) -> _Value | None:
     s = _rhs(s)
     if not s:
         return None
+    matrix = _matrix(s, depth) if s.startswith("\\begin") else None
+    if matrix is not None:
+        return matrix
     if depth < _MAX_DEPTH and len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _encloses(s):
         items = _split_top_level(s[1:-1])
         if items is not None and len(items) == 1 and s[0] + s[-1] == "()":
@@ -736,6 +879,9 @@ def _value(s: str, depth: int = 0) -> _Value | None:
     number = _number_with_units(s)
     if number is not None:
         return number
+    relation = _relation(s) if _RELATION.search(s) else None
+    if relation is not None:
+        return relation
     compact = s.replace(" ", "")
     if not compact.isalpha():
         closed = _closed_form(s)
@@ -760,8 +906,9 @@ def is_equiv(pred: str, gold: str) -> bool:
     """
     if not isinstance(pred, str) or not isinstance(gold, str):
         return False
-    a, b = _value(_normalize(pred)), _value(_normalize(gold))
-    return a is not None and a == b
+    pred, gold = _normalize(pred), _normalize(gold)
+    a, b = _value(pred), _value(gold)
+    return a is not None and (a == b or _same_equation(pred, gold))
 
 
 def math_reward(completion: str, gold: str) -> float:
