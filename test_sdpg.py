@@ -1961,6 +1961,178 @@ def test_bf16_sampler_follows_the_policy():
 
 
 # -----------------------------------------------------------------------------
+# Watching a run (issue 24): --report-to tensorboard / wandb get the rows of metrics.jsonl and continue
+# their curves on --resume; benchmarks/plot_run.py draws metrics files. The truth for the curves is
+# never_killed, a run without a tracker that was never stopped. The tracker tests skip, saying why,
+# where their package is not installed; CI installs both.
+
+TRACKED = ["reward_mean", "kl_distill", "kl_ref", "beta", "gate_frac", "loss", "entropy", "grad_norm",
+           "skipped_updates", "response_len", "lr", "time_s", "eval_accuracy"]  # every key of KILL_RUN's rows
+
+
+def _expected_curves(rows):
+    """{key: [(step, value), ...]} of the rows, as a tracker must show them (a null is no point)."""
+    curves = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in TRACKED if k != "time_s"}
+    return {k: pts for k, pts in curves.items() if pts}
+
+
+def _assert_same_curves(got, expected):
+    for key, pts in expected.items():
+        assert [s for s, _ in got[key]] == [s for s, _ in pts], key  # each step once, in order
+        assert [v for _, v in got[key]] == pytest.approx([v for _, v in pts], rel=1e-4, abs=1e-6), key
+
+
+def _killed_at_step_4(monkeypatch, flags):
+    """KILL_RUN hard-killed as step 4 starts: steps 0-3 logged, checkpoint-2 saved. Resumed, it runs steps
+    3 and 4, so step 3 is logged a second time."""
+    with monkeypatch.context() as m:
+        _killed_at(m, 4)
+        with pytest.raises(_HardKill):
+            sdpg.main(KILL_RUN + flags)
+
+
+def test_tensorboard_gets_every_row_and_a_resumed_run_continues_its_curves(never_killed, tmp_path, monkeypatch):
+    """Guards against: rows that never reach TensorBoard (the step-0 evaluation, evaluation rows) or reach it
+    under other names; a resumed run writing elsewhere, or showing step 3 twice (no purge_step); a tracker
+    left unflushed when the run dies."""
+    pytest.importorskip("tensorboard", reason="--report-to tensorboard needs tensorboard (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+
+    def shown():  # what TensorBoard shows: every event file of the log dir, in order, its purges applied
+        events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+        events.Reload()
+        scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+        texts = [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors("config/text_summary")]
+        return scalars, texts
+
+    flags = ["--output-dir", str(out), "--report-to", "tensorboard"]
+    _killed_at_step_4(monkeypatch, flags)
+    scalars, texts = shown()
+    assert sorted(scalars) == sorted(TRACKED)
+    _assert_same_curves(scalars, _expected_curves([r for r in never_killed if r["step"] < 4]))
+    assert [step for step, _ in texts] == [0] and '| model | "tiny" |' in texts[0][1]
+    sdpg.main(KILL_RUN + flags + ["--resume"])
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # the same log dir, a second file
+    scalars, texts = shown()
+    _assert_same_curves(scalars, _expected_curves(never_killed))
+    assert [s for s, _ in scalars["time_s"]] == [1, 2, 3, 4] and [s for s, _ in scalars["eval_accuracy"]] == [0, 4]
+    assert [step for step, _ in texts] == [0, 3]  # the settings, again where the resumed run starts
+    # a metric that is off (null in metrics.jsonl: kl_distill with --beta 0) gets no point
+    tracker = sdpg.TensorBoardTracker(str(tmp_path / "off"), {}, 0)
+    with tracker:
+        tracker.log({"step": 1, "kl_distill": None, "kl_ref": 0.5})
+    events = EventAccumulator(str(tmp_path / "off"))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["kl_ref"]
+
+
+def _wandb_records(run_dir):
+    """The records of an offline W&B run: its .wandb file is a LevelDB-style log (a 7-byte header, then blocks of
+    32 KiB holding chunks, each with a 7-byte header: checksum, length, kind) of wandb's Record protobufs."""
+    import struct
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    (path,) = run_dir.glob("run-*.wandb")
+    data, pos, part, records = path.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # too little room left in the block for a chunk header: padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            records.append(Record.FromString(part))
+            part = b""
+    return records
+
+
+def _wandb_run(run_dir):
+    """(run id, name, project, config, {step: row}, exit code) of an offline W&B run, from its own files."""
+    records = _wandb_records(run_dir)
+    (run,) = [r.run for r in records if r.HasField("run")]
+    config = {item.key: json.loads(item.value_json) for item in run.config.update if item.key != "_wandb"}
+    history = {}
+    for r in records:
+        if r.HasField("history"):
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            history[r.history.step.num] = {"step": r.history.step.num,
+                                           **{k: v for k, v in row.items() if not k.startswith("_")}}  # W&B's own
+    (exit_code,) = [r.exit.exit_code for r in records if r.HasField("exit")]
+    return run.run_id, run.display_name, run.project, config, history, exit_code
+
+
+def test_wandb_offline_records_every_row_and_a_resumed_run_keeps_its_id(never_killed, tmp_path, monkeypatch):
+    """Guards against: rows missing from W&B or under other names, no config, a resumed run that starts another
+    W&B run (a new id), --run-name ignored, a tracker not finished when the run dies (its run then has no exit
+    record) or finished as a success."""
+    wandb = pytest.importorskip("wandb", reason="--report-to wandb needs wandb (pip install wandb)")
+    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_SILENT": "true",
+                        "WANDB_CONSOLE": "off", "WANDB_PROJECT": "sdpg-test"}.items():
+        monkeypatch.setenv(name, value)  # no network, every file inside tmp_path
+    (tmp_path / "wandb").mkdir()
+    out = tmp_path / "run"
+    flags = ["--output-dir", str(out), "--report-to", "wandb", "--run-name", "killed-and-resumed"]
+    _killed_at_step_4(monkeypatch, flags)
+    run_id = (out / "wandb_run_id").read_text().strip()
+    sdpg.main(KILL_RUN + flags + ["--resume"])
+    wandb.teardown()  # a finished run's file is written in the background: wait for it, as Python's exit does
+    assert (out / "wandb_run_id").read_text().strip() == run_id
+    runs = [_wandb_run(d) for d in sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))]
+    assert len(runs) == 2
+    for resumed, (got_id, name, project, config, _, _) in zip((False, True), runs):
+        assert (got_id, name, project) == (run_id, "killed-and-resumed", "sdpg-test")
+        assert config == {**json.loads((out / "config.json").read_text()), "resume": resumed}
+    (*_, killed, killed_exit), (*_, resumed, resumed_exit) = runs
+    assert sorted(killed) == [0, 1, 2, 3] and sorted(resumed) == [3, 4] and (killed_exit, resumed_exit) == (1, 0)
+    # as W&B keeps the first row of a step logged twice (offline, each run's file has its own)
+    rows = [{**resumed, **killed}[step] for step in range(5)]
+    _assert_same_curves(_expected_curves(rows), _expected_curves(never_killed))
+    assert [set(r) for r in rows] == [{k for k, v in m.items() if v is not None} for m in _rows(out / "metrics.jsonl")]
+    # a metric that is off (null in metrics.jsonl: kl_distill with --beta 0) gets no value
+    (tmp_path / "off").mkdir()
+    tracker = sdpg.WandbTracker(sdpg.parse_args(["--model", "tiny", "--output-dir", str(tmp_path / "off")]), {})
+    with tracker:
+        tracker.log({"step": 1, "kl_distill": None, "kl_ref": 0.5})
+    wandb.teardown()
+    (off,) = [r for r in map(_wandb_run, (tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+              if r[0] == tracker.run.id]
+    assert off[4] == {1: {"step": 1, "kl_ref": 0.5}}
+
+
+def test_only_rank_0_reports_and_none_imports_no_tracker(tmp_path, monkeypatch):
+    """Under torchrun every rank but 0 gets the tracker that reports nothing (guards against each rank writing
+    its own event files or W&B run); --report-to none needs neither package."""
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: importing them fails
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    args = sdpg.parse_args(["--model", "tiny", "--output-dir", str(tmp_path)])
+    metrics_file, tracker = sdpg.open_run_files(args, 0)
+    with metrics_file, tracker:
+        tracker.log({"step": 0, "eval_accuracy": 0.5})
+    assert type(tracker) is sdpg.Tracker
+    monkeypatch.setattr(sdpg, "rank_and_world", lambda: (1, 2))
+    for name in ("tensorboard", "wandb"):
+        metrics_file, tracker = sdpg.open_run_files(dataclasses.replace(args, report_to=name), 0)
+        with metrics_file, tracker:
+            tracker.log({"step": 0, "eval_accuracy": 0.5})
+        assert type(tracker) is sdpg.Tracker and sorted(os.listdir(tmp_path)) == ["config.json", "metrics.jsonl"]
+    top_level = {alias.name.split(".")[0] for node in ast.parse(open(os.path.join(HERE, "sdpg.py")).read()).body
+                 if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert not top_level & {"tensorboard", "wandb"}
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_a_tracker_that_is_not_installed_gets_one_line_before_anything_loads(tracker, monkeypatch):
+    monkeypatch.setitem(sys.modules, tracker, None)  # as if not installed
+    with pytest.raises(SystemExit, match=f"needs the {tracker} package: pip install {tracker}$") as e:
+        sdpg.parse_args(["--model", "tiny", "--report-to", tracker])
+    assert "\n" not in str(e.value.code)
+
+
+# -----------------------------------------------------------------------------
 # More than one process. `python -m torch.distributed.run` (torchrun) starts two ranks on the CPU, which
 # talk over gloo. Sampling is per rank (seed + rank), so two ranks never draw the rollouts that one
 # process draws: the policy update is compared on FIXED rollouts (random ids, lengths and rewards, the
