@@ -2106,13 +2106,15 @@ def test_wandb_offline_records_every_row_and_a_resumed_run_keeps_its_id(never_ki
 def test_only_rank_0_reports_and_none_imports_no_tracker(tmp_path, monkeypatch):
     """Under torchrun every rank but 0 gets the tracker that reports nothing (guards against each rank writing
     its own event files or W&B run); --report-to none needs neither package."""
-    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: importing them fails
-    monkeypatch.setitem(sys.modules, "wandb", None)
     args = sdpg.parse_args(["--model", "tiny", "--output-dir", str(tmp_path)])
-    metrics_file, tracker = sdpg.open_run_files(args, 0)
-    with metrics_file, tracker:
-        tracker.log({"step": 0, "eval_accuracy": 0.5})
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "tensorboard", None)  # as if neither were installed: importing them fails
+        m.setitem(sys.modules, "wandb", None)
+        metrics_file, tracker = sdpg.open_run_files(args, 0)
+        with metrics_file, tracker:
+            tracker.log({"step": 0, "eval_accuracy": 0.5})
     assert type(tracker) is sdpg.Tracker
+    monkeypatch.setenv("WANDB_MODE", "offline")  # were W&B started on rank 1 after all: no network
     monkeypatch.setattr(sdpg, "rank_and_world", lambda: (1, 2))
     for name in ("tensorboard", "wandb"):
         metrics_file, tracker = sdpg.open_run_files(dataclasses.replace(args, report_to=name), 0)
@@ -2130,6 +2132,67 @@ def test_a_tracker_that_is_not_installed_gets_one_line_before_anything_loads(tra
     with pytest.raises(SystemExit, match=f"needs the {tracker} package: pip install {tracker}$") as e:
         sdpg.parse_args(["--model", "tiny", "--report-to", tracker])
     assert "\n" not in str(e.value.code)
+
+
+def _metrics_dir(path, rows):
+    path.mkdir()
+    _write_jsonl(path / "metrics.jsonl", rows)
+    return path
+
+
+def test_plot_run_draws_each_runs_metrics_and_leaves_out_what_a_run_did_not_log(tmp_path, monkeypatch):
+    """Two runs' metrics drawn on six panels: each line holds the run's own (step, value) points, the reward
+    also smoothed, eval_mean_at_k and a key added later beside the greedy accuracy; a null metric (kl_distill of
+    a --beta 0 run) and a missing one draw no line; a half-written last line is skipped."""
+    pytest.importorskip("matplotlib", reason="plot_run.py needs matplotlib (pip install matplotlib)")
+    import plot_run
+
+    def rows(beta, evals):
+        return [{"step": 0, **evals}] + [
+            {"step": k, "reward_mean": k / 10 + beta, "kl_distill": 0.1 * k if beta else None, "kl_ref": 0.01 * k,
+             "entropy": 2 - k / 10, "response_len": 10 + k, **(evals if k == 4 else {})} for k in range(1, 5)]
+    sdpg_run = _metrics_dir(tmp_path / "sdpg", rows(0.5, {"eval_accuracy": 0.25, "eval_mean_at_k": 0.2,
+                                                          "eval_teacher_accuracy": 0.75}))
+    with open(sdpg_run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "rew')  # the run is still writing
+    beta0 = _metrics_dir(tmp_path / "beta0", rows(0.0, {"eval_accuracy": 0.5}))
+    out, figures, draw = tmp_path / "plot.png", [], plot_run.draw
+    monkeypatch.setattr(plot_run, "draw", lambda runs, window: figures.append(draw(runs, window)) or figures[0])
+    plot_run.main([str(sdpg_run), str(beta0), "--window", "2", "-o", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = figures
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for ax in fig.axes
+             for line in ax.get_lines()}
+    assert len(fig.axes) == 6 and [t.get_text() for t in fig.legends[0].get_texts()] == [str(sdpg_run), str(beta0)]
+    sdpg_run, beta0 = f"{sdpg_run} ", f"{beta0} "  # each line's label: the run's directory, then the key
+    assert lines[sdpg_run + "reward_mean raw"] == ([1, 2, 3, 4], pytest.approx([0.6, 0.7, 0.8, 0.9]))
+    assert lines[sdpg_run + "reward_mean"] == ([1, 2, 3, 4], pytest.approx([0.6, 0.65, 0.75, 0.85]))  # mean of 2
+    assert lines[beta0 + "eval_accuracy"] == ([0, 4], [0.5, 0.5])
+    assert lines[sdpg_run + "eval_mean_at_k"] == ([0, 4], [0.2, 0.2])
+    assert lines[sdpg_run + "eval_teacher_accuracy"] == ([0, 4], [0.75, 0.75])
+    assert lines[sdpg_run + "kl_distill"] == ([1, 2, 3, 4], pytest.approx([0.1, 0.2, 0.3, 0.4]))
+    assert lines[beta0 + "kl_distill"] == ([], []) and lines[beta0 + "eval_mean_at_k"] == ([], [])
+    for key in ("kl_ref", "entropy", "response_len"):
+        assert lines[beta0 + key][0] == [1, 2, 3, 4]
+
+
+def test_plot_run_without_metrics_gets_one_line_and_a_failing_exit(tmp_path):
+    empty = _metrics_dir(tmp_path / "empty", [])
+    for run_dir, message in ((tmp_path / "nothing", "error: no metrics.jsonl in "),
+                             (empty, "metrics.jsonl has no rows yet")):
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "benchmarks", "plot_run.py"), str(run_dir)],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc
+        assert not (tmp_path / "run_plot.png").exists()
+
+
+def test_plot_run_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
+    import plot_run
+
+    run_dir = _metrics_dir(tmp_path / "run", [{"step": 0, "eval_accuracy": 0.5}])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match="^error: plot_run.py needs matplotlib: pip install matplotlib$"):
+        plot_run.main([str(run_dir), "-o", str(tmp_path / "p.png")])
 
 
 # -----------------------------------------------------------------------------
