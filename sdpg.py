@@ -1974,7 +1974,8 @@ def main(argv: list[str] | None = None) -> None:
             for step in tqdm(range(start_step, args.steps + 1), desc="sdpg", dynamic_ncols=True,
                              initial=start_step - 1, total=args.steps, disable=rank > 0):
                 batch, queue = next_batch(queue, order, len(train), args.batch_prompts)
-                examples = [train[i] for i in rank_share(batch, args.updates_per_batch, rank, world)]  # all in 1
+                # this rank's share of the batch (all of it in one process)
+                examples = [train[i] for i in rank_share(batch, args.updates_per_batch, rank, world)]
                 row = training_step(step, examples, model, ref_model, sampler, tokenizer, optimizer, scheduler,
                                     stop_ids, args, compute, templates)
                 if (args.eval_every and step % args.eval_every == 0) or step == args.steps:

@@ -1993,8 +1993,7 @@ def _killed_at_step_4(monkeypatch, flags):
 
 def test_tensorboard_gets_every_row_and_a_resumed_run_continues_its_curves(never_killed, tmp_path, monkeypatch):
     """Guards against: rows that never reach TensorBoard (the step-0 evaluation, evaluation rows) or reach it
-    under other names; a resumed run writing elsewhere, or showing step 3 twice (no purge_step); a tracker
-    left unflushed when the run dies."""
+    under other names; a resumed run writing elsewhere, or showing step 3 twice (no purge_step)."""
     pytest.importorskip("tensorboard", reason="--report-to tensorboard needs tensorboard (pip install tensorboard)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
