@@ -2073,6 +2073,11 @@ def test_wandb_offline_records_every_row_and_a_resumed_run_keeps_its_id(never_ki
                         "WANDB_CONSOLE": "off", "WANDB_PROJECT": "sdpg-test"}.items():
         monkeypatch.setenv(name, value)  # no network, every file inside tmp_path
     (tmp_path / "wandb").mkdir()
+    (tmp_path / "off").mkdir()  # first, a metric that is off (null in metrics.jsonl: kl_distill with --beta 0)
+    tracker = sdpg.WandbTracker(sdpg.parse_args(["--model", "tiny", "--output-dir", str(tmp_path / "off")]), {})
+    with tracker:
+        tracker.log({"step": 1, "kl_distill": None, "kl_ref": 0.5})
+    off_id = tracker.run.id
     out = tmp_path / "run"
     flags = ["--output-dir", str(out), "--report-to", "wandb", "--run-name", "killed-and-resumed"]
     _killed_at_step_4(monkeypatch, flags)
@@ -2081,6 +2086,9 @@ def test_wandb_offline_records_every_row_and_a_resumed_run_keeps_its_id(never_ki
     wandb.teardown()  # a finished run's file is written in the background: wait for it, as Python's exit does
     assert (out / "wandb_run_id").read_text().strip() == run_id
     runs = [_wandb_run(d) for d in sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))]
+    (off,) = [r for r in runs if r[0] == off_id]
+    assert off[4] == {1: {"step": 1, "kl_ref": 0.5}}
+    runs = [r for r in runs if r[0] != off_id]
     assert len(runs) == 2
     for resumed, (got_id, name, project, config, _, _) in zip((False, True), runs):
         assert (got_id, name, project) == (run_id, "killed-and-resumed", "sdpg-test")
@@ -2091,15 +2099,6 @@ def test_wandb_offline_records_every_row_and_a_resumed_run_keeps_its_id(never_ki
     rows = [{**resumed, **killed}[step] for step in range(5)]
     _assert_same_curves(_expected_curves(rows), _expected_curves(never_killed))
     assert [set(r) for r in rows] == [{k for k, v in m.items() if v is not None} for m in _rows(out / "metrics.jsonl")]
-    # a metric that is off (null in metrics.jsonl: kl_distill with --beta 0) gets no value
-    (tmp_path / "off").mkdir()
-    tracker = sdpg.WandbTracker(sdpg.parse_args(["--model", "tiny", "--output-dir", str(tmp_path / "off")]), {})
-    with tracker:
-        tracker.log({"step": 1, "kl_distill": None, "kl_ref": 0.5})
-    wandb.teardown()
-    (off,) = [r for r in map(_wandb_run, (tmp_path / "wandb" / "wandb").glob("offline-run-*"))
-              if r[0] == tracker.run.id]
-    assert off[4] == {1: {"step": 1, "kl_ref": 0.5}}
 
 
 def test_only_rank_0_reports_and_none_imports_no_tracker(tmp_path, monkeypatch):
