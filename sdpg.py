@@ -49,6 +49,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -62,7 +63,7 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TextIO
 
 import torch
 import torch.distributed as dist
@@ -182,6 +183,12 @@ class Args:
     # run
     seed: int = _arg(0, "seed for data order, sampling and the tiny model's initial weights")
     output_dir: str = _arg("runs/sdpg", "where config.json, metrics.jsonl and checkpoints go")
+    report_to: str = _arg("none", "also send every metrics row and the settings to 'tensorboard' (event files in "
+                          "OUTPUT_DIR/tensorboard) or 'wandb' (Weights & Biases; WANDB_MODE=offline keeps it on this "
+                          "machine), as transformers' report_to; needs that package, which the core install lacks",
+                          choices=("none", "tensorboard", "wandb"))
+    run_name: str | None = _arg(None, "the run's name in W&B [default: one W&B makes up]; TensorBoard has no names "
+                                "but directories: tensorboard --logdir runs shows each as OUTPUT_DIR/tensorboard")
     eval_every: int | None = _arg(None, "greedy pass@1 on held-out questions every this many steps, 0 = "
                                   "only before and after training [auto: 50]")
     eval_n: int | None = _arg(None, "held-out questions per evaluation [auto: 200; tiny 100]")
@@ -265,6 +272,10 @@ def check_args(args: Args) -> None:
         raise SystemExit("error: --batch-prompts must be a multiple of --updates-per-batch (updates take whole groups)")
     if args.resume and args.overwrite:
         raise SystemExit("error: give --resume or --overwrite, not both")
+    # Checked here, before a model is loaded: the two trackers' packages are named as the --report-to values.
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        raise SystemExit(f"error: --report-to {args.report_to} needs the {args.report_to} package: "
+                         f"pip install {args.report_to}")
 
 
 # -----------------------------------------------------------------------------
@@ -1791,20 +1802,24 @@ def save_training_checkpoint(args: Args, model, tokenizer, optimizer, scheduler,
 # Run bookkeeping (metrics file, interrupts) and the checks made before training starts.
 
 
-def open_run_files(args: Args, first_step: int):
-    """Writes config.json and opens metrics.jsonl for appending from first_step on (rank 0; the other ranks
-    write nowhere)."""
+def open_run_files(args: Args, first_step: int) -> tuple[TextIO, "Tracker"]:
+    """Writes config.json, opens metrics.jsonl for appending from first_step on and starts the --report-to
+    tracker (rank 0; the other ranks write nowhere and report nothing). Returns (metrics file, tracker)."""
     if rank_and_world()[0] > 0:
-        return open(os.devnull, "w")
+        return open(os.devnull, "w"), Tracker()
+    config = dataclasses.asdict(args)
     with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=2)
-    return open_metrics(os.path.join(args.output_dir, "metrics.jsonl"), first_step)
+        json.dump(config, f, indent=2)
+    metrics_file = open_metrics(os.path.join(args.output_dir, "metrics.jsonl"), first_step)
+    return metrics_file, start_tracker(args, config, first_step)
 
 
-def log_row(metrics_file, row: dict) -> None:
-    """One JSON line per step, flushed at once so that a hard kill loses at most the row being written."""
+def log_row(metrics_file: TextIO, tracker: "Tracker", row: dict) -> None:
+    """One JSON line per step, flushed at once so that a hard kill loses at most the row being written; the
+    tracker gets the same row, so its curves and metrics.jsonl cannot disagree."""
     metrics_file.write(json.dumps(row) + "\n")
     metrics_file.flush()
+    tracker.log(row)
 
 
 def open_metrics(path: str, first_step: int):
@@ -1816,6 +1831,88 @@ def open_metrics(path: str, first_step: int):
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] < first_step)
     return open(path, "a")
+
+
+# Trackers (--report-to), for watching curves as in TRL or cleanrl. Each package is imported only when asked
+# for, so the core install stays torch, transformers, datasets and tqdm. A tracker gets every row of
+# metrics.jsonl under the same keys, at the row's step (the step-0 evaluation and the evaluation rows too), and
+# the settings of config.json once at the start. A resumed run continues the same curves. main() closes the
+# tracker on every way out (the end, Ctrl-C's checkpoint, an error), so nothing it buffered is lost.
+
+
+class Tracker:
+    """--report-to none, and every rank but 0 under torchrun: reports nothing."""
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def close(self, failed: bool) -> None:
+        pass
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(failed=exc_type is not None)
+
+
+class TensorBoardTracker(Tracker):
+    """Event files in OUTPUT_DIR/tensorboard, one scalar tag per metrics key."""
+
+    def __init__(self, log_dir: str, config: dict, first_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # A resumed run repeats the steps after its checkpoint, which the earlier event file may hold too:
+        # purge_step tells TensorBoard to drop every earlier event from first_step on, so no step shows twice.
+        self.writer = SummaryWriter(log_dir, purge_step=first_step)
+        table = ["| setting | value |", "|---|---|", *(f"| {k} | {json.dumps(v)} |" for k, v in config.items())]
+        self.writer.add_text("config", "\n".join(table), global_step=first_step)  # a resumed run: again, there
+
+    def log(self, row: dict) -> None:
+        for key, value in row.items():
+            if key != "step" and value is not None:  # None: a metric that is off (kl_distill with --beta 0)
+                self.writer.add_scalar(key, value, global_step=row["step"])
+        self.writer.flush()  # as metrics.jsonl: a hard kill loses at most this row
+
+    def close(self, failed: bool) -> None:
+        self.writer.close()
+
+
+class WandbTracker(Tracker):
+    """A Weights & Biases run in project $WANDB_PROJECT (default sdpg); its files go to $WANDB_DIR, else
+    OUTPUT_DIR/wandb. WANDB_MODE=offline keeps it on this machine (upload later with wandb sync)."""
+
+    def __init__(self, args: Args, config: dict):
+        import wandb
+
+        # The run's id is kept in the output directory, so that --resume continues the same W&B run
+        # (resume="allow" makes it when the id is new). A fresh start, --overwrite included, gets a new id.
+        id_file = os.path.join(args.output_dir, "wandb_run_id")
+        run_id = open(id_file).read().strip() if args.resume and os.path.exists(id_file) else None
+        # The steps that a resumed run repeats after its checkpoint are already in the W&B run: W&B ignores a
+        # step lower than the run's last one (with a warning), so it keeps the first row of each, which holds
+        # the same values (resuming is exact).
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sdpg"), name=args.run_name, id=run_id,
+                              resume="allow", config=config, dir=os.environ.get("WANDB_DIR", args.output_dir))
+        with open(id_file, "w") as f:
+            f.write(self.run.id + "\n")
+
+    def log(self, row: dict) -> None:
+        values = {k: v for k, v in row.items() if k != "step" and v is not None}
+        self.run.log(values, step=row["step"], commit=True)  # commit: the row is complete, send it now
+
+    def close(self, failed: bool) -> None:
+        self.run.finish(exit_code=1 if failed else 0)  # W&B marks a run that ended in an error as failed
+
+
+def start_tracker(args: Args, config: dict, first_step: int) -> Tracker:
+    """The --report-to tracker, started where the run's metrics start (first_step: 0, or the step a resumed
+    run continues at)."""
+    if args.report_to == "tensorboard":
+        return TensorBoardTracker(os.path.join(args.output_dir, "tensorboard"), config, first_step)
+    if args.report_to == "wandb":
+        return WandbTracker(args, config)
+    return Tracker()
 
 
 @contextlib.contextmanager
@@ -1923,36 +2020,39 @@ def run(args: Args, compute: Compute) -> None:
         state = restore_checkpoint(resume_from, model, optimizer, scheduler, order, args.trust_remote_code)
         queue, start_step, bad_in_a_row = state["queue"], state["step"] + 1, state["bad_in_a_row"]
     # Without a checkpoint the run starts again at step 0, whose evaluation row is logged again.
-    metrics_file = open_run_files(args, start_step if resume_from else 0)
+    metrics_file, tracker = open_run_files(args, start_step if resume_from else 0)
     print(describe_run(args, model, len(train), len(held_out), compute, start_step if resume_from else None))
-    if start_step == 1:
-        row = {"step": 0, **evaluation_metrics(sampler, tokenizer, held_out, args.instruction, templates, stop_ids,
-                                               args, compute, reward)}
-        log_row(metrics_file, row)
-        print(format_row(row))
 
     from tqdm import tqdm
-    with catch_interrupts() as stop, metrics_file:
-        for step in tqdm(range(start_step, args.steps + 1), desc="sdpg", dynamic_ncols=True,
-                         initial=start_step - 1, total=args.steps, disable=rank > 0):
-            batch, queue = next_batch(queue, order, len(train), args.batch_prompts)
-            examples = [train[i] for i in rank_share(batch, args.updates_per_batch, rank, world)]  # all, in 1 process
-            row = training_step(step, examples, model, ref_model, sampler, tokenizer, optimizer, scheduler,
-                                stop_ids, args, compute, templates, reward)
-            if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-                refresh_sampler(sampler, model)  # evaluate the weights after this step's update
-                row.update(evaluation_metrics(sampler, tokenizer, held_out, args.instruction, templates, stop_ids,
-                                              args, compute, reward))
-            log_row(metrics_file, row)
-            tqdm.write(format_row(row))
-            bad_in_a_row = count_bad_steps(bad_in_a_row, row["skipped_updates"])
-            trainer_state = {"step": step, "order": order.getstate(), "queue": queue, "bad_in_a_row": bad_in_a_row}
-            if any_rank(bool(stop)):
-                path = save_training_checkpoint(args, model, tokenizer, optimizer, scheduler, trainer_state)
-                print(f"saved {path}. To continue: python sdpg.py <the same flags> --resume")
-                return
-            if args.save_every and step % args.save_every == 0 and step != args.steps:
-                save_training_checkpoint(args, model, tokenizer, optimizer, scheduler, trainer_state)
+    with metrics_file, tracker:  # closed on every way out: the end, Ctrl-C's checkpoint, an error
+        if start_step == 1:
+            row = {"step": 0, **evaluation_metrics(sampler, tokenizer, held_out, args.instruction, templates,
+                                                   stop_ids, args, compute, reward)}
+            log_row(metrics_file, tracker, row)
+            print(format_row(row))
+        with catch_interrupts() as stop:
+            for step in tqdm(range(start_step, args.steps + 1), desc="sdpg", dynamic_ncols=True,
+                             initial=start_step - 1, total=args.steps, disable=rank > 0):
+                batch, queue = next_batch(queue, order, len(train), args.batch_prompts)
+                # this rank's share of the batch (all of it in one process)
+                examples = [train[i] for i in rank_share(batch, args.updates_per_batch, rank, world)]
+                row = training_step(step, examples, model, ref_model, sampler, tokenizer, optimizer, scheduler,
+                                    stop_ids, args, compute, templates, reward)
+                if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+                    refresh_sampler(sampler, model)  # evaluate the weights after this step's update
+                    row.update(evaluation_metrics(sampler, tokenizer, held_out, args.instruction, templates,
+                                                  stop_ids, args, compute, reward))
+                log_row(metrics_file, tracker, row)
+                tqdm.write(format_row(row))
+                bad_in_a_row = count_bad_steps(bad_in_a_row, row["skipped_updates"])
+                trainer_state = {"step": step, "order": order.getstate(), "queue": queue,
+                                 "bad_in_a_row": bad_in_a_row}
+                if any_rank(bool(stop)):
+                    path = save_training_checkpoint(args, model, tokenizer, optimizer, scheduler, trainer_state)
+                    print(f"saved {path}. To continue: python sdpg.py <the same flags> --resume")
+                    return
+                if args.save_every and step % args.save_every == 0 and step != args.steps:
+                    save_training_checkpoint(args, model, tokenizer, optimizer, scheduler, trainer_state)
     on_rank_zero(save_checkpoint, model, tokenizer, os.path.join(args.output_dir, "final"), None,
                  full_model_state(model))
     print(f"done: final model in {os.path.join(args.output_dir, 'final')}")

@@ -2225,6 +2225,239 @@ def test_bf16_sampler_follows_the_policy():
 
 
 # -----------------------------------------------------------------------------
+# Watching a run (issue 24): --report-to tensorboard / wandb get the rows of metrics.jsonl and continue
+# their curves on --resume; benchmarks/plot_run.py draws metrics files. The truth for the curves is
+# never_killed, a run without a tracker that was never stopped. The tracker tests skip, saying why,
+# where their package is not installed; CI installs both.
+
+TRACKED = ["reward_mean", "kl_distill", "kl_ref", "beta", "gate_frac", "loss", "entropy", "grad_norm",
+           "skipped_updates", "response_len", "lr", "time_s", "eval_accuracy"]  # every key of KILL_RUN's rows
+
+
+def _expected_curves(rows):
+    """{key: [(step, value), ...]} of the rows, as a tracker must show them (a null is no point)."""
+    curves = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in TRACKED if k != "time_s"}
+    return {k: pts for k, pts in curves.items() if pts}
+
+
+def _assert_same_curves(got, expected):
+    for key, pts in expected.items():
+        assert [s for s, _ in got[key]] == [s for s, _ in pts], key  # each step once, in order
+        assert [v for _, v in got[key]] == pytest.approx([v for _, v in pts], rel=1e-4, abs=1e-6), key
+
+
+def _killed_at_step_4(monkeypatch, flags):
+    """KILL_RUN hard-killed as step 4 starts: steps 0-3 logged, checkpoint-2 saved. Resumed, it runs steps
+    3 and 4, so step 3 is logged a second time."""
+    with monkeypatch.context() as m:
+        _killed_at(m, 4)
+        with pytest.raises(_HardKill):
+            sdpg.main(KILL_RUN + flags)
+
+
+def test_tensorboard_gets_every_row_and_a_resumed_run_continues_its_curves(never_killed, tmp_path, monkeypatch):
+    """Guards against: rows that never reach TensorBoard (the step-0 evaluation, evaluation rows) or reach it
+    under other names; a resumed run writing elsewhere, or showing step 3 twice (no purge_step)."""
+    pytest.importorskip("tensorboard", reason="--report-to tensorboard needs tensorboard (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+
+    def shown():  # what TensorBoard shows: every event file of the log dir, in order, its purges applied
+        events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+        events.Reload()
+        scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+        texts = [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors("config/text_summary")]
+        return scalars, texts
+
+    flags = ["--output-dir", str(out), "--report-to", "tensorboard"]
+    _killed_at_step_4(monkeypatch, flags)
+    scalars, texts = shown()
+    assert sorted(scalars) == sorted(TRACKED)
+    _assert_same_curves(scalars, _expected_curves([r for r in never_killed if r["step"] < 4]))
+    assert [step for step, _ in texts] == [0] and '| model | "tiny" |' in texts[0][1]
+    sdpg.main(KILL_RUN + flags + ["--resume"])
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # the same log dir, a second file
+    scalars, texts = shown()
+    _assert_same_curves(scalars, _expected_curves(never_killed))
+    assert [s for s, _ in scalars["time_s"]] == [1, 2, 3, 4] and [s for s, _ in scalars["eval_accuracy"]] == [0, 4]
+    assert [step for step, _ in texts] == [0, 3]  # the settings, again where the resumed run starts
+    # a metric that is off (null in metrics.jsonl: kl_distill with --beta 0) gets no point
+    tracker = sdpg.TensorBoardTracker(str(tmp_path / "off"), {}, 0)
+    with tracker:
+        tracker.log({"step": 1, "kl_distill": None, "kl_ref": 0.5})
+    events = EventAccumulator(str(tmp_path / "off"))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["kl_ref"]
+
+
+def _wandb_records(run_dir):
+    """The records of an offline W&B run: its .wandb file is a LevelDB-style log (a 7-byte header, then blocks of
+    32 KiB holding chunks, each with a 7-byte header: checksum, length, kind) of wandb's Record protobufs."""
+    import struct
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    (path,) = run_dir.glob("run-*.wandb")
+    data, pos, part, records = path.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # too little room left in the block for a chunk header: padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            records.append(Record.FromString(part))
+            part = b""
+    return records
+
+
+def _wandb_run(run_dir):
+    """(run id, name, project, config, {step: row}, exit code) of an offline W&B run, from its own files."""
+    records = _wandb_records(run_dir)
+    (run,) = [r.run for r in records if r.HasField("run")]
+    config = {item.key: json.loads(item.value_json) for item in run.config.update if item.key != "_wandb"}
+    history = {}
+    for r in records:
+        if r.HasField("history"):
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            history[r.history.step.num] = {"step": r.history.step.num,
+                                           **{k: v for k, v in row.items() if not k.startswith("_")}}  # W&B's own
+    (exit_code,) = [r.exit.exit_code for r in records if r.HasField("exit")]
+    return run.run_id, run.display_name, run.project, config, history, exit_code
+
+
+def test_wandb_offline_records_every_row_and_a_resumed_run_keeps_its_id(never_killed, tmp_path, monkeypatch):
+    """Guards against: rows missing from W&B or under other names, no config, a resumed run that starts another
+    W&B run (a new id), --run-name ignored, a tracker not finished when the run dies (its run then has no exit
+    record) or finished as a success."""
+    wandb = pytest.importorskip("wandb", reason="--report-to wandb needs wandb (pip install wandb)")
+    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_SILENT": "true",
+                        "WANDB_CONSOLE": "off", "WANDB_PROJECT": "sdpg-test"}.items():
+        monkeypatch.setenv(name, value)  # no network, every file inside tmp_path
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "off").mkdir()  # first, a metric that is off (null in metrics.jsonl: kl_distill with --beta 0)
+    tracker = sdpg.WandbTracker(sdpg.parse_args(["--model", "tiny", "--output-dir", str(tmp_path / "off")]), {})
+    with tracker:
+        tracker.log({"step": 1, "kl_distill": None, "kl_ref": 0.5})
+    off_id = tracker.run.id
+    out = tmp_path / "run"
+    flags = ["--output-dir", str(out), "--report-to", "wandb", "--run-name", "killed-and-resumed"]
+    _killed_at_step_4(monkeypatch, flags)
+    run_id = (out / "wandb_run_id").read_text().strip()
+    sdpg.main(KILL_RUN + flags + ["--resume"])
+    wandb.teardown()  # a finished run's file is written in the background: wait for it, as Python's exit does
+    assert (out / "wandb_run_id").read_text().strip() == run_id
+    runs = [_wandb_run(d) for d in sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))]
+    (off,) = [r for r in runs if r[0] == off_id]
+    assert off[4] == {1: {"step": 1, "kl_ref": 0.5}}
+    runs = [r for r in runs if r[0] != off_id]
+    assert len(runs) == 2
+    for resumed, (got_id, name, project, config, _, _) in zip((False, True), runs):
+        assert (got_id, name, project) == (run_id, "killed-and-resumed", "sdpg-test")
+        assert config == {**json.loads((out / "config.json").read_text()), "resume": resumed}
+    (*_, killed, killed_exit), (*_, resumed, resumed_exit) = runs
+    assert sorted(killed) == [0, 1, 2, 3] and sorted(resumed) == [3, 4] and (killed_exit, resumed_exit) == (1, 0)
+    # as W&B keeps the first row of a step logged twice (offline, each run's file has its own)
+    rows = [{**resumed, **killed}[step] for step in range(5)]
+    _assert_same_curves(_expected_curves(rows), _expected_curves(never_killed))
+    assert [set(r) for r in rows] == [{k for k, v in m.items() if v is not None} for m in _rows(out / "metrics.jsonl")]
+
+
+def test_only_rank_0_reports_and_none_imports_no_tracker(tmp_path, monkeypatch):
+    """Under torchrun every rank but 0 gets the tracker that reports nothing (guards against each rank writing
+    its own event files or W&B run); --report-to none needs neither package."""
+    args = sdpg.parse_args(["--model", "tiny", "--output-dir", str(tmp_path)])
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "tensorboard", None)  # as if neither were installed: importing them fails
+        m.setitem(sys.modules, "wandb", None)
+        metrics_file, tracker = sdpg.open_run_files(args, 0)
+        with metrics_file, tracker:
+            tracker.log({"step": 0, "eval_accuracy": 0.5})
+    assert type(tracker) is sdpg.Tracker
+    monkeypatch.setenv("WANDB_MODE", "offline")  # were W&B started on rank 1 after all: no network
+    monkeypatch.setattr(sdpg, "rank_and_world", lambda: (1, 2))
+    for name in ("tensorboard", "wandb"):
+        metrics_file, tracker = sdpg.open_run_files(dataclasses.replace(args, report_to=name), 0)
+        with metrics_file, tracker:
+            tracker.log({"step": 0, "eval_accuracy": 0.5})
+        assert type(tracker) is sdpg.Tracker and sorted(os.listdir(tmp_path)) == ["config.json", "metrics.jsonl"]
+    top_level = {alias.name.split(".")[0] for node in ast.parse(open(os.path.join(HERE, "sdpg.py")).read()).body
+                 if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert not top_level & {"tensorboard", "wandb"}
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_a_tracker_that_is_not_installed_gets_one_line_before_anything_loads(tracker, monkeypatch):
+    monkeypatch.setitem(sys.modules, tracker, None)  # as if not installed
+    with pytest.raises(SystemExit, match=f"needs the {tracker} package: pip install {tracker}$") as e:
+        sdpg.parse_args(["--model", "tiny", "--report-to", tracker])
+    assert "\n" not in str(e.value.code)
+
+
+def _metrics_dir(path, rows):
+    path.mkdir()
+    _write_jsonl(path / "metrics.jsonl", rows)
+    return path
+
+
+def test_plot_run_draws_each_runs_metrics_and_leaves_out_what_a_run_did_not_log(tmp_path, monkeypatch):
+    """Two runs' metrics drawn on six panels: each line holds the run's own (step, value) points, the reward
+    also smoothed, eval_mean_at_k and a key added later beside the greedy accuracy; a null metric (kl_distill of
+    a --beta 0 run) and a missing one draw no line; a half-written last line is skipped."""
+    pytest.importorskip("matplotlib", reason="plot_run.py needs matplotlib (pip install matplotlib)")
+    import plot_run
+
+    def rows(beta, evals):
+        return [{"step": 0, **evals}] + [
+            {"step": k, "reward_mean": k / 10 + beta, "kl_distill": 0.1 * k if beta else None, "kl_ref": 0.01 * k,
+             "entropy": 2 - k / 10, "response_len": 10 + k, **(evals if k == 4 else {})} for k in range(1, 5)]
+    sdpg_run = _metrics_dir(tmp_path / "sdpg", rows(0.5, {"eval_accuracy": 0.25, "eval_mean_at_k": 0.2,
+                                                          "eval_teacher_accuracy": 0.75}))
+    with open(sdpg_run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "rew')  # the run is still writing
+    beta0 = _metrics_dir(tmp_path / "beta0", rows(0.0, {"eval_accuracy": 0.5}))
+    out, figures, draw = tmp_path / "plot.png", [], plot_run.draw
+    monkeypatch.setattr(plot_run, "draw", lambda runs, window: figures.append(draw(runs, window)) or figures[0])
+    plot_run.main([str(sdpg_run), str(beta0), "--window", "2", "-o", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = figures
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for ax in fig.axes
+             for line in ax.get_lines()}
+    assert len(fig.axes) == 6 and [t.get_text() for t in fig.legends[0].get_texts()] == [str(sdpg_run), str(beta0)]
+    sdpg_run, beta0 = f"{sdpg_run} ", f"{beta0} "  # each line's label: the run's directory, then the key
+    assert lines[sdpg_run + "reward_mean raw"] == ([1, 2, 3, 4], pytest.approx([0.6, 0.7, 0.8, 0.9]))
+    assert lines[sdpg_run + "reward_mean"] == ([1, 2, 3, 4], pytest.approx([0.6, 0.65, 0.75, 0.85]))  # mean of 2
+    assert lines[beta0 + "eval_accuracy"] == ([0, 4], [0.5, 0.5])
+    assert lines[sdpg_run + "eval_mean_at_k"] == ([0, 4], [0.2, 0.2])
+    assert lines[sdpg_run + "eval_teacher_accuracy"] == ([0, 4], [0.75, 0.75])
+    assert lines[sdpg_run + "kl_distill"] == ([1, 2, 3, 4], pytest.approx([0.1, 0.2, 0.3, 0.4]))
+    assert lines[beta0 + "kl_distill"] == ([], []) and lines[beta0 + "eval_mean_at_k"] == ([], [])
+    for key in ("kl_ref", "entropy", "response_len"):
+        assert lines[beta0 + key][0] == [1, 2, 3, 4]
+
+
+def test_plot_run_without_metrics_gets_one_line_and_a_failing_exit(tmp_path):
+    empty = _metrics_dir(tmp_path / "empty", [])
+    for run_dir, message in ((tmp_path / "nothing", "error: no metrics.jsonl in "),
+                             (empty, "metrics.jsonl has no rows yet")):
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "benchmarks", "plot_run.py"), str(run_dir)],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc
+        assert not (tmp_path / "run_plot.png").exists()
+
+
+def test_plot_run_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
+    import plot_run
+
+    run_dir = _metrics_dir(tmp_path / "run", [{"step": 0, "eval_accuracy": 0.5}])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match="^error: plot_run.py needs matplotlib: pip install matplotlib$"):
+        plot_run.main([str(run_dir), "-o", str(tmp_path / "p.png")])
+
+
+# -----------------------------------------------------------------------------
 # More than one process. `python -m torch.distributed.run` (torchrun) starts two ranks on the CPU, which
 # talk over gloo. Sampling is per rank (seed + rank), so two ranks never draw the rollouts that one
 # process draws: the policy update is compared on FIXED rollouts (random ids, lengths and rewards, the
