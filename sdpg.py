@@ -1443,13 +1443,18 @@ def start_distributed(args: Args) -> Compute:
     return Compute(device, bf16)
 
 
-# How a run under torchrun ends matters: a rank whose process group is still up when Python tears down
-# can die at exit with "terminate called without an active exception" (SIGABRT) after finishing its work,
-# and a job scheduler then reads the finished run as a failed one. The process group's C++ threads (gloo's
-# or NCCL's) must be stopped while the interpreter is whole, and no rank may leave while another still
-# talks to it: so every rank waits for the others at the end (a barrier), then each destroys its process
-# group, before main returns. On an error there is no barrier (the other ranks may never come to it, and
-# the run is failing anyway): the rank destroys its own process group and the error goes on.
+# How a run under torchrun ends matters: a rank that dies at exit after finishing its work (SIGABRT,
+# "terminate called without an active exception") makes a job scheduler read a finished run as a failed
+# one. Every rank waits for the others at the end (a barrier), so that none leaves while another still
+# talks to it, then destroys its process group. That is not enough with --fsdp on gloo: FSDP2 keeps the
+# process group alive in C++, so its worker threads outlive destroy_process_group. A worker releases each
+# finished collective a moment after the collective returns, and releasing tensors made in Python needs
+# the GIL; if that moment falls in the interpreter's teardown, the interpreter ends the thread instead, and
+# the C++ runtime aborts the process (seen in a core dump: a pt_gloo_runloop thread in
+# ~AsyncBroadcastWork -> TensorImpl::decref_pyobject -> take_gil -> pthread_exit -> std::terminate, while
+# the main thread was in Py_FinalizeEx). So under torchrun the process ends with end_process(), which skips
+# the teardown once everything is written. On an error there is no barrier (the other ranks may never come
+# to it, and the run is failing anyway): the rank destroys its own process group and the error goes on.
 @contextlib.contextmanager
 def distributed(args: Args):
     """Joins the process group when started by torchrun (start_distributed) and yields where to compute;
@@ -1463,6 +1468,16 @@ def distributed(args: Args):
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def end_process() -> None:
+    """After main: under torchrun, exits this rank at once with status 0, skipping the interpreter's teardown
+    (the comment above distributed() says why); in one process, nothing. Call it only after a normal end:
+    every file is closed by then, and the output streams are flushed here."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def check_world(args: Args, world: int) -> None:
@@ -2084,3 +2099,4 @@ def format_row(row: dict) -> str:
 
 if __name__ == "__main__":
     main()
+    end_process()

@@ -2675,3 +2675,4 @@ def _dist_worker(out: str) -> None:
 if __name__ == "__main__" and sys.argv[1:2] == ["dist-worker"]:
     with sdpg.distributed(sdpg.parse_args(DIST_BASE)):  # ends the process group in order, as sdpg.main does
         _dist_worker(sys.argv[2])
+    sdpg.end_process()  # as sdpg.py does after main
