@@ -95,9 +95,13 @@ INSTRUCTION = "Reason step by step, then put the final answer in \\boxed{}."
 class Args:
     # model and data
     model: str = _arg("Qwen2.5-0.5B", "Hub id (Qwen/Qwen2.5-0.5B), local directory, short name (a bare "
-                      "'Qwen...' or 'SmolLM...' gets its organisation prefixed), or 'tiny': a 2-layer Qwen2 "
-                      "with a character tokenizer built in code, trained from scratch, no network needed")
-    dataset: str | None = _arg(None, "'gsm8k' (openai/gsm8k, main), 'toy' (a task generated in code), a local "
+                      "'Qwen...' or 'SmolLM...' gets its organisation prefixed), 'tiny': a 2-layer Qwen2 "
+                      "with a character tokenizer built in code, trained from scratch, no network needed, or "
+                      "'tiny-reader': the same model first taught to read its prompt (pretrain_to_read, about a "
+                      "minute on a CPU), so that the teacher's privileged context means something to it")
+    dataset: str | None = _arg(None, "'gsm8k' (openai/gsm8k, main), 'toy' (generated in code: the second digit of "
+                               "a 2-digit number, easy: 1 draw in 10 is right at the start), 'toy-reverse' (a 3-digit "
+                               "number reversed, hard: about 1 draw in 1,000 is right at the start), a local "
                                ".jsonl/.json/.parquet file or a Hub id whose fields follow a known layout (GSM8K, "
                                "MATH/NuminaMath, DAPO-Math-17k, problem/answer; README, Settings) or are named by "
                                "the three flags below; evaluation uses a Hub dataset's test split, else the last "
@@ -178,6 +182,28 @@ class Args:
                          "answers' total tokens, then averages over prompts (Eq. 3.4); 'token-mean' is a plain mean "
                          "over all tokens of the update, so longer answers weigh more (paper: group; released "
                          "script: token-mean)", choices=("group", "token-mean"))
+    teacher_context: str = _arg("solution", "the privileged context the teacher is shown: 'solution', the "
+                                "example's answer and worked solution (the paper); 'answer', the answer alone; "
+                                "'other', another question's answer and solution, never one equal to the row's own "
+                                "answer (the control of OP2SD, arXiv 2608.09228: does the gain come from the "
+                                "information or from the changed prompt?); 'peer', for data without worked solutions, "
+                                "a right answer from the same group as the solution, never the answer being scored, "
+                                "and the answer alone when the group has none (SDPO's choice)",
+                                choices=("solution", "answer", "other", "peer"))
+    teacher: str = _arg("policy", "which weights read the privileged context: 'policy', the model being trained "
+                        "(SDPG: one model, two prompts); 'reference', the frozen initial model; 'ema', an exponential "
+                        "moving average of the policy (SDPO's choice, see --ema-rate) (paper: policy)",
+                        choices=("policy", "reference", "ema"))
+    ema_rate: float = _arg(0.99, "with --teacher ema, after each optimiser step teacher <- rate * teacher + "
+                           "(1 - rate) * policy; 0 is the policy itself, 1 the frozen initial model")
+    distill_estimator: str = _arg("full", "what drives the distillation gradient: 'full', the exact reverse KL "
+                                  "over every vocabulary column (the paper); 'topk', the KL over the student's "
+                                  "--distill-topk likeliest tokens plus one bucket for the rest of each distribution's "
+                                  "mass (SDPO); "
+                                  "'sampled', the sampled token's log-ratio log p - log q as a per-token penalty "
+                                  "(on-policy distillation's usual estimate); the logged kl_distill is the exact KL "
+                                  "whichever is chosen (paper: full)", choices=("full", "topk", "sampled"))
+    distill_topk: int = _arg(64, "K of --distill-estimator topk")
     chunk_size: int = _arg(256, "response tokens per vocabulary chunk: peak memory of the exact KL grows "
                            "with chunk_size x vocabulary size, not with the whole batch")
     # run
@@ -241,11 +267,13 @@ def parse_args(argv: list[str] | None = None) -> Args:
         else:
             parser.add_argument(flag, type=ftype, default=f.default, help=help, choices=f.metadata.get("choices"))
     args = Args(**vars(parser.parse_args(argv)))
-    for name, value in PRESETS["tiny" if args.model == "tiny" else "pretrained"].items():
+    if args.max_new_tokens is None and args.dataset == "toy-reverse":
+        args.max_new_tokens = 4  # three digits and the stop token
+    for name, value in PRESETS["tiny" if args.model in TINY_MODELS else "pretrained"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.instruction is None:
-        args.instruction = "" if args.dataset == "toy" else INSTRUCTION
+        args.instruction = "" if args.dataset in TOY_TASKS else INSTRUCTION
     if args.beta_warmup is None:
         args.beta_warmup = round(args.steps / 8)
     if args.beta_decay is None:
@@ -272,6 +300,12 @@ def check_args(args: Args) -> None:
         raise SystemExit("error: --batch-prompts must be a multiple of --updates-per-batch (updates take whole groups)")
     if args.resume and args.overwrite:
         raise SystemExit("error: give --resume or --overwrite, not both")
+    if not 0 <= args.ema_rate <= 1:
+        raise SystemExit(f"error: --ema-rate must be between 0 and 1, got {args.ema_rate}")
+    if args.distill_topk < 1:
+        raise SystemExit(f"error: --distill-topk must be positive, got {args.distill_topk}")
+    if args.fsdp and args.teacher != "policy":
+        raise SystemExit(f"error: --teacher {args.teacher} is not supported with --fsdp (only the policy teacher is)")
     # Checked here, before a model is loaded: the two trackers' packages are named as the --report-to values.
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
         raise SystemExit(f"error: --report-to {args.report_to} needs the {args.report_to} package: "
@@ -313,6 +347,7 @@ def seed_everything(seed: int) -> None:
 
 SHORT_NAME_ORGS = {"Qwen": "Qwen", "SmolLM": "HuggingFaceTB"}  # 'Qwen2.5-0.5B' -> 'Qwen/Qwen2.5-0.5B'
 OFFLINE_HINT = "(no network? the offline demo needs none: python sdpg.py --model tiny --dataset toy)"
+TINY_MODELS = ("tiny", "tiny-reader")  # built in code; both take PRESETS["tiny"]
 
 
 def first_line(e: Exception) -> str:
@@ -336,7 +371,22 @@ def build_char_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.decoder = decoders.Fuse()  # join characters back without spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    # A mark that save_pretrained writes into tokenizer_config.json: AutoTokenizer would load a saved tiny model's
+    # tokenizer as a Qwen2Tokenizer (its config says qwen2), which loses case, spaces and newlines; load_model
+    # reads the mark and loads the tokenizer as it was built (see is_char_tokenizer).
+    tokenizer.init_kwargs[CHAR_TOKENIZER_MARK] = True
+    return tokenizer
+
+
+CHAR_TOKENIZER_MARK = "sdpg_char_tokenizer"
+
+
+def is_char_tokenizer(directory: str) -> bool:
+    """Whether a saved model directory holds build_char_tokenizer's tokenizer (its mark in tokenizer_config.json).
+    Such a directory is loaded with PreTrainedTokenizerFast.from_pretrained(directory), not AutoTokenizer."""
+    path = os.path.join(directory, "tokenizer_config.json")
+    return os.path.isfile(path) and bool(json.load(open(path)).get(CHAR_TOKENIZER_MARK))
 
 
 def build_tiny_model(tokenizer, seed: int) -> nn.Module:
@@ -352,6 +402,71 @@ def build_tiny_model(tokenizer, seed: int) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+# The tiny model cannot read: trained from scratch, its teacher view (the prompt with the answer in it) knows no
+# more than its student view, so the distillation term has nothing to pass on. pretrain_to_read gives it the one
+# skill every pretrained model has, using what its prompt says: it learns to repeat an answer that the prompt
+# states, on lessons whose questions and answers are random digits. The answer of a lesson is never the answer
+# of a task in TOY_TASKS to its question, so the lessons teach reading and never a task itself.
+READING_BATCH, READING_LR, READING_MAX_STEPS = 64, 3e-3, 2000
+READING_TARGET = 0.99  # stop once the teacher view repeats this fraction of a fixed probe of lessons
+
+
+def reading_lessons(n: int, seed: int) -> list[dict]:
+    """n examples {question, answer, solution} for pretrain_to_read: a random 2- or 3-digit question, a random
+    1- to 3-digit answer that no toy task gives for that question, no solution."""
+    rng = random.Random(seed)
+    lessons = []
+    while len(lessons) < n:
+        question = "".join(rng.choices(string.digits, k=rng.choice((2, 3))))
+        answer = "".join(rng.choices(string.digits, k=rng.choice((1, 2, 3))))
+        if all(answer != task(question) for task in TOY_TASKS.values()) and answer != question:
+            lessons.append({"question": question, "answer": answer, "solution": ""})
+    return lessons
+
+
+def reading_batch(tokenizer, lessons: list[dict]) -> tuple[Tensor, Tensor, Tensor]:
+    """Lessons -> (ids, attention mask, labels), each (B, T), right-padded: the teacher's prompt (the question
+    with the answer stated, TOY_TEACHER_TEMPLATE), then the answer and EOS, which alone are learned (labels
+    -100 elsewhere)."""
+    rows, labels = [], []
+    for ex in lessons:
+        prompt = encode_prompt(tokenizer, prompt_texts(ex, "", TOY_TEMPLATES)[1])
+        target = tokenizer(ex["answer"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append(prompt + target)
+        labels.append([-100] * len(prompt) + target)
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (T - len(r)) for r in rows])  # (B, T)
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])  # (B, T)
+    return ids, mask, torch.tensor([y + [-100] * (T - len(y)) for y in labels])  # (B, T)
+
+
+def pretrain_to_read(model: nn.Module, tokenizer, seed: int, max_steps: int = READING_MAX_STEPS) -> int:
+    """Teaches the tiny model to repeat the answer its prompt states (reading_lessons), on the CPU, the same
+    weights for the same seed. Stops once greedy answers to 128 probe lessons are READING_TARGET right, checked
+    every 100 steps, at most max_steps steps of READING_BATCH lessons. Returns the steps taken."""
+    probe = reading_lessons(128, seed + 10_000)
+    probe_ids, probe_mask = left_pad([encode_prompt(tokenizer, prompt_texts(ex, "", TOY_TEMPLATES)[1]) for ex in probe],
+                                     tokenizer.pad_token_id, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=READING_LR, weight_decay=0.0)
+    lessons = reading_lessons(READING_BATCH * max_steps, seed)
+    for step in range(1, max_steps + 1):
+        model.train()
+        ids, mask, labels = reading_batch(tokenizer, lessons[(step - 1) * READING_BATCH:step * READING_BATCH])
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0:
+            model.eval()
+            with torch.no_grad():
+                resp, resp_mask = generate(model, probe_ids, probe_mask, 4, 0.0, 1.0, [tokenizer.eos_token_id],
+                                           tokenizer.pad_token_id)
+            said = decode_responses(tokenizer, resp, resp_mask)
+            if sum(s.strip() == ex["answer"] for s, ex in zip(said, probe)) >= READING_TARGET * len(probe):
+                break
+    model.eval()
+    return step
+
+
 def resolve_model_name(name: str) -> str:
     """'Qwen2.5-0.5B' -> 'Qwen/Qwen2.5-0.5B'; a local directory or an 'org/name' id is kept."""
     if os.path.isdir(name) or "/" in name:
@@ -364,18 +479,24 @@ def resolve_model_name(name: str) -> str:
 
 def load_model(name: str, seed: int, trust_remote_code: bool = False):
     """Returns (model in float32, tokenizer). Exits with one clear line when the model is not there."""
-    if name == "tiny":
+    if name in TINY_MODELS:
         tokenizer = build_char_tokenizer()
-        return build_tiny_model(tokenizer, seed), tokenizer
+        model = build_tiny_model(tokenizer, seed)
+        if name == "tiny-reader":
+            pretrain_to_read(model, tokenizer, seed)
+        return model, tokenizer
     from huggingface_hub.utils import logging as hub_logging
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     hub_logging.set_verbosity_error()  # no retry warnings: a failed download is reported in one line
     repo = resolve_model_name(name)
     if name.startswith((".", "/", "~")) and not os.path.isdir(name):
         raise SystemExit(f"error: no such model directory: {name}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=trust_remote_code)
+        if is_char_tokenizer(repo):  # a saved tiny model (build_char_tokenizer)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(repo)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: could not load model '{repo}': {first_line(e)} {OFFLINE_HINT}")
@@ -421,11 +542,25 @@ def toy_examples(n: int, seed: int) -> list[dict]:
     """A copy-like task that a 2-layer model learns from scratch in a minute: the question is a
     two-digit number and the answer is its second digit ('47' -> '7')."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        digits = f"{rng.randrange(100):02d}"
-        out.append({"question": digits, "answer": digits[1], "solution": ""})
-    return out
+    return [{"question": q, "answer": q[1], "solution": ""} for q in (f"{rng.randrange(100):02d}" for _ in range(n))]
+
+
+def reverse_examples(n: int, seed: int, held_out: bool) -> list[dict]:
+    """A hard task: the question is a 3-digit number and the answer is its digits reversed ('472' -> '274').
+    A model that answers with 3 random digits is right once in 1,000 draws. Palindromes are left out (copying
+    the question would answer them). The numbers divisible by 8 (112 of them) are the held-out questions, the
+    other 788 the training ones, so evaluation asks what was never trained; training rows are drawn with
+    replacement, held-out ones without (n <= 112)."""
+    rng = random.Random(seed)
+    numbers = [f"{i:03d}" for i in range(1000) if (i % 8 == 0) == held_out and f"{i:03d}" != f"{i:03d}"[::-1]]
+    if held_out and n > len(numbers):
+        raise SystemExit(f"error: toy-reverse holds out {len(numbers)} questions; --eval-n {n} asks for more")
+    questions = rng.sample(numbers, n) if held_out else rng.choices(numbers, k=n)
+    return [{"question": q, "answer": q[::-1], "solution": ""} for q in questions]
+
+
+# The tasks generated in code, each as its answer to a question (reading_lessons avoids these answers).
+TOY_TASKS = {"toy": lambda question: question[1:2], "toy-reverse": lambda question: question[::-1]}
 
 
 class Fields(NamedTuple):
@@ -519,6 +654,8 @@ def load_examples(dataset: str, eval_n: int, seed: int, question_field: str | No
     The field flags name where the question, gold answer and worked solution are (dataset_fields)."""
     if dataset == "toy":
         return toy_examples(5000, seed), toy_examples(eval_n, seed + 1)
+    if dataset == "toy-reverse":
+        return reverse_examples(5000, seed, held_out=False), reverse_examples(eval_n, seed + 1, held_out=True)
     import datasets
 
     if dataset.endswith((".jsonl", ".json", ".parquet")) or os.path.exists(dataset):
@@ -573,6 +710,10 @@ TEACHER_TEMPLATE = ("{question}\n{instruction}\n\n"
                     "Reach {answer} by another route just as rigorous, if there is one; else explain the usual "
                     "route very clearly. Never mention knowing the answer.")
 DEFAULT_TEMPLATES = (STUDENT_TEMPLATE, TEACHER_TEMPLATE)
+# The tasks generated in code (TOY_TASKS) take a short teacher prompt in the tiny models' alphabet, the one the
+# reading pretraining teaches: the question, then a line stating the answer.
+TOY_TEACHER_TEMPLATE = "{question}\n{instruction}\nanswer: {answer}\nsolution: {solution}"
+TOY_TEMPLATES = (STUDENT_TEMPLATE, TOY_TEACHER_TEMPLATE)
 STUDENT_SLOTS, TEACHER_SLOTS = {"question", "instruction"}, {"question", "instruction", "answer", "solution"}
 # A slot is {name} after anything but a letter, digit, '_', '}', '^' or '\', so that the LaTeX in a
 # template (\boxed{x}, \frac{a}{b}, x^{n}) stays as it is.
@@ -589,15 +730,21 @@ def check_template(template: str, slots: set[str], flag: str) -> str:
     return template
 
 
-def read_templates(student_file: str | None, teacher_file: str | None) -> tuple[str, str]:
-    """The (student, teacher) templates: the text of the files given, else the defaults above."""
+def read_templates(student_file: str | None, teacher_file: str | None,
+                   defaults: tuple[str, str] = DEFAULT_TEMPLATES) -> tuple[str, str]:
+    """The (student, teacher) templates: the text of the files given, else the defaults."""
     texts = []
-    for path, default in ((student_file, STUDENT_TEMPLATE), (teacher_file, TEACHER_TEMPLATE)):
+    for path, default in zip((student_file, teacher_file), defaults):
         if path is not None and not os.path.isfile(path):
             raise SystemExit(f"error: no such template file: {path}")
         texts.append(default if path is None else open(path).read())
     return (check_template(texts[0], STUDENT_SLOTS, "--student-template"),
             check_template(texts[1], TEACHER_SLOTS, "--teacher-template"))
+
+
+def default_templates(dataset: str) -> tuple[str, str]:
+    """The (student, teacher) templates used when no file is given: the short one for the tasks made in code."""
+    return TOY_TEMPLATES if dataset in TOY_TASKS else DEFAULT_TEMPLATES
 
 
 def fill_template(template: str, values: dict[str, str]) -> str:
@@ -616,6 +763,45 @@ def prompt_texts(example: dict, instruction: str,
     values = {"question": example["question"], "instruction": instruction, "answer": example["answer"],
               "solution": example["solution"]}
     return fill_template(templates[0], values), fill_template(templates[1], values)
+
+
+# Where the teacher's privileged context comes from (--teacher-context). Each row of the batch gets an
+# (answer, solution) pair for the {answer} and {solution} slots of the teacher's template.
+def privileged_contexts(examples: list[dict], context: str, group_size: int = 1, completions: list[str] | None = None,
+                        correct: list[bool] | None = None) -> list[tuple[str, str]]:
+    """(answer, solution) shown to the teacher for each of the len(examples) x group_size rows (G rows per example,
+    contiguous, as in the batch):
+      'solution'  the example's own answer and worked solution (the paper);
+      'answer'    its answer alone;
+      'other'     the answer and solution of the next example in the list whose answer differs from its own, so
+                  a row never sees its own answer; ('', '') when every example has the same answer;
+      'peer'      its answer, and as the solution a completion of ANOTHER row of the same group that the verifier
+                  accepted (the first one), never the row's own; the answer alone when no other row is right.
+    >>> privileged_contexts([{"answer": "7", "solution": "s"}, {"answer": "2", "solution": "t"}], "other")
+    [('2', 't'), ('7', 's')]
+    """
+    G, out = group_size, []
+    for i, ex in enumerate(examples):
+        if context in ("solution", "answer"):
+            out += [(ex["answer"], ex["solution"] if context == "solution" else "")] * G
+        elif context == "other":
+            others = [examples[(i + d) % len(examples)] for d in range(1, len(examples))]
+            other = next((o for o in others if o["answer"] != ex["answer"]), {"answer": "", "solution": ""})
+            out += [(other["answer"], other["solution"])] * G
+        else:  # peer
+            right = [i * G + j for j in range(G) if correct[i * G + j]]  # the group's accepted rows
+            for r in range(i * G, i * G + G):
+                peer = next((completions[j] for j in right if j != r), "")
+                out.append((ex["answer"], peer))
+    return out
+
+
+def teacher_texts(examples: list[dict], instruction: str, template: str, contexts: list[tuple[str, str]],
+                  group_size: int = 1) -> list[str]:
+    """The teacher's user message for each row: the example's question with the row's (answer, solution)."""
+    return [fill_template(template, {"question": examples[r // group_size]["question"], "instruction": instruction,
+                                     "answer": answer, "solution": solution})
+            for r, (answer, solution) in enumerate(contexts)]
 
 
 def encode_prompt(tokenizer, user_text: str) -> list[int]:
@@ -1019,42 +1205,109 @@ def full_vocab_reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Ten
     return (logp.exp() * (logp - logq)).sum(dim=-1)  # (...)
 
 
+# Two cheaper stand-ins for the exact KL, as other trainers use them; --distill-estimator picks one. Each is
+# pure on tensors like full_vocab_reverse_kl, and each is 0 with zero gradient when q = p.
+#
+# Top-K with a tail bucket (SDPO): S = the student's K likeliest tokens (chosen without gradient), and one more
+# outcome, "any other token", holding the rest of each distribution's mass, so that the KL is still one between
+# two proper distributions over K + 1 outcomes:
+#   KL_K(p || SG[q]) = sum_{a in S} p(a) (log p(a) - log q(a)) + p(~S) (log p(~S) - log q(~S))
+# With K = V there is no tail and it is the exact KL; with K < V it is a lower bound (merging outcomes never
+# raises a KL).
+def topk_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, k: int) -> Tensor:
+    """Reverse KL over the student's top-k tokens plus a tail bucket, teacher detached: (..., V), (..., V) -> (...).
+    >>> s, t = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]])
+    >>> round(topk_reverse_kl(s, t, 3).item(), 4) == round(full_vocab_reverse_kl(s, t).item(), 4)
+    True
+    """
+    logp = F.log_softmax(student_logits.float(), dim=-1)  # (..., V)
+    logq = F.log_softmax(teacher_logits.detach().float(), dim=-1)  # (..., V)
+    if k >= logp.shape[-1]:
+        return (logp.exp() * (logp - logq)).sum(dim=-1)  # (...) no tail left: the full sum
+    top = logp.detach().topk(k, dim=-1).indices  # (..., K) the student's likeliest tokens
+    in_top = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, top, True)  # (..., V)
+    lp_top, lq_top = logp.gather(-1, top), logq.gather(-1, top)  # (..., K)
+    # log of each tail mass as a logsumexp over the columns outside S: exact and finite (S leaves one out at least)
+    lp_tail = logp.masked_fill(in_top, float("-inf")).logsumexp(dim=-1)  # (...)
+    lq_tail = logq.masked_fill(in_top, float("-inf")).logsumexp(dim=-1)  # (...)
+    return (lp_top.exp() * (lp_top - lq_top)).sum(dim=-1) + lp_tail.exp() * (lp_tail - lq_tail)  # (...)
+
+
+# The sampled token alone (on-policy distillation's usual estimate): y_t was drawn from p_t, so
+#   r_t = log p_t(y_t) - log q_t(y_t)   has  E_{y~p}[r_t] = KL(p_t || q_t),
+# and since E_{y~p}[grad log p(y)] = 0, the gradient of the KL is E_{y~p}[r_t grad log p_t(y_t)]: a per-token
+# penalty r_t with the REINFORCE gradient SG[r_t] grad log p_t(y_t). Both are unbiased, with the variance of
+# one draw per position. Only the sampled column of the teacher is needed.
+def sampled_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> Tensor:
+    """r_t = log p_t(y_t) - log q_t(y_t) for the sampled tokens, with the gradient SG[r_t] grad log p_t(y_t):
+    (..., V), (..., V), (...) -> (...)."""
+    logp = F.log_softmax(student_logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # (...)
+    logq = F.log_softmax(teacher_logits.detach().float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    r = (logp - logq).detach()  # (...)
+    return r + r * (logp - logp.detach())  # value r, gradient r * grad log p
+
+
+def distill_kl(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, estimator: str, k: int) -> Tensor:
+    """The per-token distillation term that --distill-estimator names: (..., V), (..., V), (...) -> (...)."""
+    if estimator == "full":
+        return full_vocab_reverse_kl(student_logits, teacher_logits)
+    if estimator == "topk":
+        return topk_reverse_kl(student_logits, teacher_logits, k)
+    return sampled_reverse_kl(student_logits, teacher_logits, targets)
+
+
+class ChunkTerms(NamedTuple):
+    """Per-token terms of M response tokens, each (M,)."""
+    logp: Tensor  # log p_t(y_t), with grad
+    kl: Tensor  # the distillation term whose gradient trains (the exact KL with estimator 'full'); 0 without teacher
+    kl_exact: Tensor  # the exact KL(p_t || q_t), no grad: the logged kl_distill, whatever the estimator
+    entropy: Tensor  # H(p_t), no grad, a metric
+
+
 def _chunk_terms(h_student: Tensor, h_teacher: Tensor | None, targets: Tensor, lm_head: nn.Module,
-                 temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """One chunk of chunked_token_terms: the hidden states (C, H) of its C tokens -> (C,) log p, KL (0 without
-    teacher), entropy."""
+                 teacher_head: nn.Module, temperature: float, estimator: str, k: int) -> tuple[Tensor, ...]:
+    """One chunk of chunked_token_terms: the hidden states (C, H) of its C tokens -> the four (C,) ChunkTerms."""
     logits = lm_head(h_student).float() / temperature  # (C, V), the only place (C, V) logits live
     lse = torch.logsumexp(logits, dim=-1)  # (C,)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (C,) log p_t(y_t)
     with torch.no_grad():  # a metric only: no autograd buffers for it
         entropy = lse - (logits.softmax(dim=-1) * logits).sum(-1)  # (C,) H(p_t)
     if h_teacher is None:
-        return logp, torch.zeros_like(logp), entropy
+        return logp, torch.zeros_like(logp), torch.zeros_like(entropy), entropy
     with torch.no_grad():  # the teacher is a stop-gradient target: no graph for its (C, V) logits
-        teacher_logits = lm_head(h_teacher).float() / temperature  # (C, V)
-    return logp, full_vocab_reverse_kl(logits, teacher_logits), entropy
+        teacher_logits = teacher_head(h_teacher).float() / temperature  # (C, V)
+    kl = distill_kl(logits, teacher_logits, targets, estimator, k)  # (C,)
+    if estimator == "full":
+        return logp, kl, kl.detach(), entropy
+    with torch.no_grad():  # the exact KL as the metric: one more pass over the (C, V) logits, no graph
+        kl_exact = full_vocab_reverse_kl(logits, teacher_logits)  # (C,)
+    return logp, kl, kl_exact, entropy
 
 
 def chunked_token_terms(h_student: Tensor, h_teacher: Tensor | None, targets: Tensor, lm_head: nn.Module,
-                        temperature: float, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token log p_t(y_t), KL(p_t || q_t) and entropy of p_t, computed chunk by chunk.
+                        temperature: float, chunk_size: int, teacher_head: nn.Module | None = None,
+                        estimator: str = "full", k: int = 64) -> ChunkTerms:
+    """Per-token log p_t(y_t), the distillation term, the exact KL(p_t || q_t) and the entropy of p_t, computed
+    chunk by chunk.
 
-    h_student (M, H) with grad, h_teacher (M, H) or None, targets (M,) -> three (M,) tensors.
-    M counts real response tokens only (padding was dropped before). With gradients on, each
+    h_student (M, H) with grad, h_teacher (M, H) or None, targets (M,) -> four (M,) tensors. M counts
+    real response tokens only (padding was dropped before). teacher_head turns the teacher's hidden
+    states into logits [default: lm_head, the policy's own, as in SDPG]. With gradients on, each
     chunk is wrapped in torch.utils.checkpoint: the forward keeps only the (C, H) inputs and the
     backward recomputes the chunk's (C, V) logits, so peak memory is about chunk_size x V x 4 bytes
     x a few, instead of M x V x 4 bytes x a few. The result equals the unchunked computation.
     """
+    teacher_head = lm_head if teacher_head is None else teacher_head
     outs = []
     for i in range(0, targets.shape[0], chunk_size):
         hs, y = h_student[i:i + chunk_size], targets[i:i + chunk_size]  # (C, H), (C,)
         ht = None if h_teacher is None else h_teacher[i:i + chunk_size].detach()  # (C, H)
+        terms = (hs, ht, y, lm_head, teacher_head, temperature, estimator, k)
         if torch.is_grad_enabled() and hs.requires_grad:
-            outs.append(checkpoint(_chunk_terms, hs, ht, y, lm_head, temperature, use_reentrant=False))
+            outs.append(checkpoint(_chunk_terms, *terms, use_reentrant=False))
         else:
-            outs.append(_chunk_terms(hs, ht, y, lm_head, temperature))
-    logp, kl, entropy = (torch.cat(parts) for parts in zip(*outs))  # each (M,)
-    return logp, kl, entropy
+            outs.append(_chunk_terms(*terms))
+    return ChunkTerms(*(torch.cat(parts) for parts in zip(*outs)))  # each (M,)
 
 
 def scatter_tokens(values: Tensor, mask: Tensor) -> Tensor:
@@ -1262,13 +1515,12 @@ class Rollouts:
 def collect_rollouts(sampler, tokenizer, examples: list[dict], args: Args, instruction: str, stop_ids: list[int],
                      compute: Compute, templates: tuple[str, str] = DEFAULT_TEMPLATES,
                      reward=math_reward) -> Rollouts:
-    """Samples G answers for each example in one generate call and scores them with the verifier `reward`."""
+    """Samples G answers for each example in one generate call and scores them with the verifier `reward`; the
+    teacher's prompts carry the privileged context that --teacher-context names (privileged_contexts)."""
     G = args.group_size
-    texts = [prompt_texts(ex, instruction, templates) for ex in examples]
-    student = [encode_prompt(tokenizer, s) for s, _ in texts for _ in range(G)]  # N lists, G copies each
-    teacher = [encode_prompt(tokenizer, t) for _, t in texts for _ in range(G)]
+    student = [encode_prompt(tokenizer, prompt_texts(ex, instruction, templates)[0]) for ex in examples
+               for _ in range(G)]  # N lists, G copies each
     prompt_ids, prompt_mask = left_pad(student, tokenizer.pad_token_id, compute.device)  # (N, P)
-    teacher_ids, teacher_mask = left_pad(teacher, tokenizer.pad_token_id, compute.device)  # (N, Pc)
     sampler.eval()
     with autocast(compute):
         response_ids, response_mask = generate(sampler, prompt_ids, prompt_mask, args.max_new_tokens,
@@ -1276,6 +1528,10 @@ def collect_rollouts(sampler, tokenizer, examples: list[dict], args: Args, instr
     completions = decode_responses(tokenizer, response_ids, response_mask)
     golds = [ex["answer"] for ex in examples for _ in range(G)]
     correct = torch.tensor([reward(c, g) for c, g in zip(completions, golds)], device=compute.device)  # (N,)
+    # The teacher's prompts come after the verifier: the 'peer' context shows another right answer of the group.
+    contexts = privileged_contexts(examples, args.teacher_context, G, completions, correct.bool().tolist())
+    teacher = [encode_prompt(tokenizer, t) for t in teacher_texts(examples, instruction, templates[1], contexts, G)]
+    teacher_ids, teacher_mask = left_pad(teacher, tokenizer.pad_token_id, compute.device)  # (N, Pc)
     rewards = shaped_reward(correct, response_mask.sum(dim=1), args.wrong_reward, args.max_new_tokens,
                             args.overlong_buffer)  # (N,)
     return Rollouts(prompt_ids, prompt_mask, teacher_ids, teacher_mask, response_ids, response_mask,
@@ -1285,44 +1541,59 @@ def collect_rollouts(sampler, tokenizer, examples: list[dict], args: Args, instr
 class TokenTerms(NamedTuple):
     """Per-token (n, L) terms of some rows of the batch; zeros at padding."""
     logp: Tensor  # log p_t(y_t), student, with grad when grad is enabled
-    kl_distill: Tensor | None  # KL(p_t || q_t) against the privileged teacher; None without teacher
-    ref_logp: Tensor | None  # log pi_ref(y_t); None without reference model
+    kl_distill: Tensor | None  # the distillation term (--distill-estimator) against the privileged teacher, or None
+    ref_logp: Tensor | None  # log pi_ref(y_t); None without the KL anchor
     entropy: Tensor  # H(p_t), a metric
+    kl_exact: Tensor | None  # the exact KL(p_t || q_t), a metric (= kl_distill with the 'full' estimator)
 
 
 def score(model, ref_model, rb: Rollouts, rows: slice, use_teacher: bool, args: Args,
-          compute: Compute) -> TokenTerms:
-    """Student (with grad if enabled), teacher and reference terms for rows of the batch."""
+          compute: Compute, teacher_model: nn.Module | None = None) -> TokenTerms:
+    """Student (with grad if enabled), teacher and reference terms for rows of the batch. teacher_model is the
+    model that reads the privileged prompt [default: `model` itself, SDPG's teacher]; ref_model gives the KL anchor
+    when --alpha > 0."""
     mask = rb.response_mask[rows]  # (n, L)
     targets = rb.response_ids[rows][mask.bool()]  # (M,) real response tokens, flattened
     lm_head = model.get_output_embeddings()
+    teacher_model = model if teacher_model is None else teacher_model
     # whole_root does nothing in one process; with --fsdp it gathers the embeddings and the output layer,
     # which scoring calls directly (section "More than one process").
     with autocast(compute), whole_root(model), whole_root(ref_model):
         h_teacher = None
         if use_teacher:
-            with torch.no_grad():  # the teacher is the current model, stop-gradient
-                h_teacher = response_hidden_states(model, rb.teacher_ids[rows], rb.teacher_mask[rows],
+            with torch.no_grad():  # the teacher (by default the current model) is a stop-gradient target
+                h_teacher = response_hidden_states(teacher_model, rb.teacher_ids[rows], rb.teacher_mask[rows],
                                                    rb.response_ids[rows], mask)[mask.bool()]  # (M, H)
         ref_logp = None
-        if ref_model is not None:
+        if ref_model is not None and args.alpha > 0:
             with torch.no_grad():
                 h_ref = response_hidden_states(ref_model, rb.prompt_ids[rows], rb.prompt_mask[rows],
                                                rb.response_ids[rows], mask)[mask.bool()]  # (M, H)
-                ref_logp, _, _ = chunked_token_terms(h_ref, None, targets, ref_model.get_output_embeddings(),
-                                                     args.temperature, args.chunk_size)  # (M,)
+                ref_logp = chunked_token_terms(h_ref, None, targets, ref_model.get_output_embeddings(),
+                                               args.temperature, args.chunk_size).logp  # (M,)
                 ref_logp = scatter_tokens(ref_logp, mask)  # (n, L)
         h_student = response_hidden_states(model, rb.prompt_ids[rows], rb.prompt_mask[rows],
                                            rb.response_ids[rows], mask)[mask.bool()]  # (M, H)
-        logp, kl, entropy = chunked_token_terms(h_student, h_teacher, targets, lm_head,
-                                                args.temperature, args.chunk_size)  # (M,) each
-    kl_distill = scatter_tokens(kl, mask) if use_teacher else None
-    return TokenTerms(scatter_tokens(logp, mask), kl_distill, ref_logp, scatter_tokens(entropy, mask))
+        logp, kl, kl_exact, entropy = chunked_token_terms(
+            h_student, h_teacher, targets, lm_head, args.temperature, args.chunk_size,
+            teacher_model.get_output_embeddings(), args.distill_estimator, args.distill_topk)  # (M,) each
+    kl_distill, kl_exact = (scatter_tokens(kl, mask), scatter_tokens(kl_exact, mask)) if use_teacher else (None, None)
+    return TokenTerms(scatter_tokens(logp, mask), kl_distill, ref_logp, scatter_tokens(entropy, mask), kl_exact)
+
+
+# --teacher ema: after each optimiser step the teacher's weights move a (1 - rate) part of the way to the policy's,
+#   theta_teacher <- rate * theta_teacher + (1 - rate) * theta
+def ema_update(teacher: nn.Module, model: nn.Module, rate: float) -> None:
+    """Moves every parameter of `teacher` to rate * itself + (1 - rate) * the same parameter of `model`, in place."""
+    with torch.no_grad():
+        for t, p in zip(teacher.parameters(), model.parameters()):
+            t.lerp_(p.to(t.dtype), 1 - rate)
 
 
 def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: float, args: Args,
-                  compute: Compute) -> dict:
-    """--updates-per-batch optimiser steps on one batch of rollouts, micro-batched."""
+                  compute: Compute, teacher_model: nn.Module | None = None) -> dict:
+    """--updates-per-batch optimiser steps on one batch of rollouts, micro-batched. teacher_model: the weights that
+    read the privileged prompt [default: `model`]; with --teacher ema it is the average, updated after each step."""
     model.train()
     N, G = rb.response_ids.shape[0], args.group_size
     use_teacher = args.beta > 0
@@ -1340,7 +1611,8 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
         update_loss = 0.0
         for i in range(u, u + per_update, args.micro_batch):
             rows = slice(i, min(i + args.micro_batch, u + per_update))
-            logp, kl, ref_logp, entropy = score(model, ref_model, rb, rows, use_teacher, args, compute)
+            logp, kl, ref_logp, entropy, kl_exact = score(model, ref_model, rb, rows, use_teacher, args, compute,
+                                                          teacher_model)
             old_logp = logp.detach() if rollout_logp is None else rollout_logp[rows]
             w = weights[rows.start - u:rows.stop - u]  # (n, L)
             loss = sdpg_loss(logp, old_logp, kl, ref_logp, rb.advantages[rows], w, beta_k, args.alpha,
@@ -1351,8 +1623,8 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
             w = w / args.updates_per_batch
             sums["loss"] += loss.item() / args.updates_per_batch  # the mean over updates
             sums["entropy"] += (w * entropy).sum().item()
-            if kl is not None:
-                sums["kl_distill"] += (w * kl.detach()).sum().item()
+            if kl is not None:  # the exact KL, whichever estimator trains
+                sums["kl_distill"] += (w * kl_exact).sum().item()
             if ref_logp is not None:  # k3 estimate of KL(pi_theta || pi_ref), >= 0 per token
                 log_w = (logp - ref_logp).detach()
                 sums["kl_ref"] += (w * (torch.exp(-log_w) - 1 + log_w)).sum().item()
@@ -1363,6 +1635,8 @@ def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: 
         if math.isfinite(grad_norm) and math.isfinite(update_loss):
             optimizer.step()
             scheduler.step()
+            if args.teacher == "ema":
+                ema_update(teacher_model, model, args.ema_rate)
         else:  # a NaN/inf would poison the weights and AdamW's moments for good: skip this update
             sums["skipped_updates"] += 1
         optimizer.zero_grad(set_to_none=True)
@@ -1380,14 +1654,15 @@ def build_optimizer(model: nn.Module, args: Args):
 
 
 def training_step(step: int, examples: list[dict], model, ref_model, sampler, tokenizer, optimizer, scheduler,
-                  stop_ids: list[int], args: Args, compute: Compute, templates: tuple[str, str], reward) -> dict:
+                  stop_ids: list[int], args: Args, compute: Compute, templates: tuple[str, str], reward,
+                  teacher_model: nn.Module | None = None) -> dict:
     """Training step k (1-based) on this rank's examples: sample G answers to each with the current
     weights, score them with the verifier, update. Returns the step's metrics row (means over ranks)."""
     t0 = time.time()
     refresh_sampler(sampler, model)  # on-policy: the answers come from the weights being trained
     rb = collect_rollouts(sampler, tokenizer, examples, args, args.instruction, stop_ids, compute, templates, reward)
     beta_k = beta_schedule(step, args.steps, args.beta, args.beta_warmup, args.beta_decay)
-    sums = policy_update(model, ref_model, optimizer, scheduler, rb, beta_k, args, compute)
+    sums = policy_update(model, ref_model, optimizer, scheduler, rb, beta_k, args, compute, teacher_model)
     row = {"step": step, "reward_mean": rb.rewards.mean().item(), **sums, "beta": beta_k,
            "gate_frac": (rb.advantages > 0).float().mean().item(),  # A > 0; with --no-gate all are distilled
            "response_len": rb.response_mask.sum(1).float().mean().item(),
@@ -1671,16 +1946,22 @@ def load_states(model: nn.Module, optimizer, weights: dict, optim_state: dict) -
 
 def evaluate(model, tokenizer, examples: list[dict], instruction: str, stop_ids: list[int], max_new_tokens: int,
              batch_size: int, compute: Compute, samples: int = 1, temperature: float = 0.0,
-             templates: tuple[str, str] = DEFAULT_TEMPLATES, reward=math_reward) -> list[float]:
+             templates: tuple[str, str] = DEFAULT_TEMPLATES, reward=math_reward,
+             teacher_context: str | None = None) -> list[float]:
     """Per question, the fraction of its `samples` answers at `temperature` that the verifier `reward` accepts.
     With the defaults (one greedy answer) each is 1.0 or 0.0 and their mean is greedy pass@1; with
-    samples=K and a temperature it is mean@K."""
+    samples=K and a temperature it is mean@K. With a teacher_context the model answers the teacher's prompt,
+    with that privileged context ('peer', which needs a group, shows the answer alone)."""
     model.eval()
-    rows = [ex for ex in examples for _ in range(samples)]  # question-major: K copies of each
+    texts = [prompt_texts(ex, instruction, templates)[0] for ex in examples]
+    if teacher_context is not None:
+        contexts = privileged_contexts(examples, "answer" if teacher_context == "peer" else teacher_context)
+        texts = teacher_texts(examples, instruction, templates[1], contexts)
+    rows = [(ex, text) for ex, text in zip(examples, texts) for _ in range(samples)]  # question-major: K copies
     correct = []
     for i in range(0, len(rows), batch_size):
-        batch = rows[i:i + batch_size]
-        ids, mask = left_pad([encode_prompt(tokenizer, prompt_texts(ex, instruction, templates)[0]) for ex in batch],
+        batch = [ex for ex, _ in rows[i:i + batch_size]]
+        ids, mask = left_pad([encode_prompt(tokenizer, text) for _, text in rows[i:i + batch_size]],
                              tokenizer.pad_token_id, compute.device)
         with autocast(compute):
             resp, resp_mask = generate(model, ids, mask, max_new_tokens, temperature, 1.0, stop_ids,
@@ -1691,18 +1972,23 @@ def evaluate(model, tokenizer, examples: list[dict], instruction: str, stop_ids:
 
 
 def evaluation_metrics(model, tokenizer, held_out: list[dict], instruction: str, templates: tuple[str, str],
-                       stop_ids: list[int], args: Args, compute: Compute, reward=math_reward) -> dict:
-    """eval_accuracy (greedy pass@1) and, with --eval-samples K, eval_mean_at_k (mean@K). Under torchrun each
+                       stop_ids: list[int], args: Args, compute: Compute, reward=math_reward,
+                       teacher_model: nn.Module | None = None) -> dict:
+    """eval_accuracy (greedy pass@1) and, with --eval-samples K, eval_mean_at_k (mean@K). With a teacher_model
+    (when --beta > 0), eval_teacher_accuracy: greedy pass@1 of the teacher's view, the teacher's weights shown the
+    privileged context of --teacher-context; it is what the distillation has to pass on. Under torchrun each
     rank answers every world-th question and the sums are added up."""
     batch = args.batch_prompts * args.group_size
     rank, world = rank_and_world()
 
-    def fraction_right(k: int, temperature: float) -> float:  # over all ranks' questions
-        mine = evaluate(model, tokenizer, held_out[rank::world], instruction, stop_ids, args.max_new_tokens, batch,
-                        compute, k, temperature, templates, reward)
-        return global_sum({"right": sum(mine)})["right"] / len(held_out)
+    def fraction_right(k: int, temperature: float, who: nn.Module = model, context: str | None = None) -> float:
+        mine = evaluate(who, tokenizer, held_out[rank::world], instruction, stop_ids, args.max_new_tokens, batch,
+                        compute, k, temperature, templates, reward, context)
+        return global_sum({"right": sum(mine)})["right"] / len(held_out)  # over all ranks' questions
 
     row = {"eval_accuracy": fraction_right(1, 0.0)}
+    if teacher_model is not None:
+        row["eval_teacher_accuracy"] = fraction_right(1, 0.0, teacher_model, args.teacher_context)
     if args.eval_samples:
         # The same seed at every evaluation, in a forked RNG: the training run stays the one it would
         # be without this evaluation, and the mean@K of two steps is drawn with the same noise.
@@ -1981,8 +2267,9 @@ def check_output_head(model, tokenizer, device: torch.device) -> None:
 
 
 def build_models(args: Args, compute: Compute):
-    """The policy (trained, float32), the frozen reference (None when --alpha 0), the sampler, the tokenizer
-    and the stop ids, on the device; with --fsdp the policy and the reference are sharded."""
+    """The policy (trained, float32), the frozen reference (None when --alpha 0 and it does not teach), the sampler,
+    the tokenizer and the stop ids, on the device, and the teacher: the policy itself (SDPG), the reference, or with
+    --teacher ema a float32 copy to average into; with --fsdp the policy and the reference are sharded."""
     device, bf16 = compute
     model, tokenizer = load_model(args.model, args.seed, args.trust_remote_code)
     if tokenizer.eos_token_id is None:
@@ -1993,7 +2280,9 @@ def build_models(args: Args, compute: Compute):
     from transformers import GenerationConfig
     model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     # The copy is made on the CPU, so the device never holds two float32 models at once.
-    ref_model = frozen_copy(model, torch.bfloat16 if bf16 else torch.float32).to(device) if args.alpha > 0 else None
+    needs_ref = args.alpha > 0 or args.teacher == "reference"
+    ref_model = frozen_copy(model, torch.bfloat16 if bf16 else torch.float32).to(device) if needs_ref else None
+    ema = frozen_copy(model, torch.float32).to(device) if args.teacher == "ema" else None
     sampler = make_sampler(model, bf16, whole_copy=args.fsdp).to(device)
     model.to(device)
     if args.gradient_checkpointing:  # transformers 5.2x renamed gradient_ to activation_checkpointing
@@ -2002,7 +2291,8 @@ def build_models(args: Args, compute: Compute):
     if args.fsdp:
         model = shard_model(model)
         ref_model = shard_model(ref_model) if ref_model is not None else None
-    return model, ref_model, sampler, tokenizer, stop_ids
+    teacher_model = {"policy": model, "reference": ref_model, "ema": ema}[args.teacher]
+    return model, ref_model, sampler, tokenizer, stop_ids, teacher_model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -2015,12 +2305,14 @@ def run(args: Args, compute: Compute) -> None:
     """The run on this process (rank): models, data, then the training steps with their evaluations and
     checkpoints."""
     reward = reward_function(args.verifier)
-    templates = read_templates(args.student_template, args.teacher_template)
+    templates = read_templates(args.student_template, args.teacher_template, default_templates(args.dataset))
     rank, world = rank_and_world()
     seed_everything(args.seed + rank)  # each rank samples its own answers; the data order below is shared
     resume_from = on_rank_zero(prepare_output_dir, args)
     check_shared_output_dir(args.output_dir)
-    model, ref_model, sampler, tokenizer, stop_ids = build_models(args, compute)
+    model, ref_model, sampler, tokenizer, stop_ids, teacher_model = build_models(args, compute)
+    # The teacher's view is evaluated with the weights that teach: the sampler's copy of the policy, or the other model.
+    eval_teacher = None if args.beta == 0 else sampler if args.teacher == "policy" else teacher_model
     train, held_out = load_examples(args.dataset, args.eval_n, args.seed, args.question_field, args.answer_field,
                                     args.solution_field)
     check_prompt_lengths(model, tokenizer, train + held_out, args.instruction, args.max_new_tokens, args.beta > 0,
@@ -2034,6 +2326,8 @@ def run(args: Args, compute: Compute) -> None:
     if resume_from:
         state = restore_checkpoint(resume_from, model, optimizer, scheduler, order, args.trust_remote_code)
         queue, start_step, bad_in_a_row = state["queue"], state["step"] + 1, state["bad_in_a_row"]
+        if args.teacher == "ema":  # the average is part of the run: without it the teacher would restart
+            teacher_model.load_state_dict(state["ema"])
     # Without a checkpoint the run starts again at step 0, whose evaluation row is logged again.
     metrics_file, tracker = open_run_files(args, start_step if resume_from else 0)
     print(describe_run(args, model, len(train), len(held_out), compute, start_step if resume_from else None))
@@ -2042,7 +2336,7 @@ def run(args: Args, compute: Compute) -> None:
     with metrics_file, tracker:  # closed on every way out: the end, Ctrl-C's checkpoint, an error
         if start_step == 1:
             row = {"step": 0, **evaluation_metrics(sampler, tokenizer, held_out, args.instruction, templates,
-                                                   stop_ids, args, compute, reward)}
+                                                   stop_ids, args, compute, reward, eval_teacher)}
             log_row(metrics_file, tracker, row)
             print(format_row(row))
         with catch_interrupts() as stop:
@@ -2052,16 +2346,18 @@ def run(args: Args, compute: Compute) -> None:
                 # this rank's share of the batch (all of it in one process)
                 examples = [train[i] for i in rank_share(batch, args.updates_per_batch, rank, world)]
                 row = training_step(step, examples, model, ref_model, sampler, tokenizer, optimizer, scheduler,
-                                    stop_ids, args, compute, templates, reward)
+                                    stop_ids, args, compute, templates, reward, teacher_model)
                 if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
                     refresh_sampler(sampler, model)  # evaluate the weights after this step's update
                     row.update(evaluation_metrics(sampler, tokenizer, held_out, args.instruction, templates,
-                                                  stop_ids, args, compute, reward))
+                                                  stop_ids, args, compute, reward, eval_teacher))
                 log_row(metrics_file, tracker, row)
                 tqdm.write(format_row(row))
                 bad_in_a_row = count_bad_steps(bad_in_a_row, row["skipped_updates"])
                 trainer_state = {"step": step, "order": order.getstate(), "queue": queue,
                                  "bad_in_a_row": bad_in_a_row}
+                if args.teacher == "ema":
+                    trainer_state["ema"] = teacher_model.state_dict()
                 if any_rank(bool(stop)):
                     path = save_training_checkpoint(args, model, tokenizer, optimizer, scheduler, trainer_state)
                     print(f"saved {path}. To continue: python sdpg.py <the same flags> --resume")
@@ -2094,7 +2390,8 @@ def format_row(row: dict) -> str:
         line += (f" | reward {shown['reward_mean']} | kl_distill {shown['kl_distill']} | "
                  f"kl_ref {shown['kl_ref']} | beta {shown['beta']} | gate {shown['gate_frac']} | "
                  f"entropy {shown['entropy']} | len {shown['response_len']} | {shown['time_s']}s")
-    return line + "".join(f" | {k} {row[k]:.3f}" for k in ("eval_accuracy", "eval_mean_at_k") if k in row)
+    return line + "".join(f" | {k} {row[k]:.3f}" for k in ("eval_accuracy", "eval_mean_at_k", "eval_teacher_accuracy")
+                          if k in row)
 
 
 if __name__ == "__main__":

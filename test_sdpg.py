@@ -105,7 +105,7 @@ def test_chunked_terms_equal_unchunked_values_and_gradients():
     def run(chunk):
         head.zero_grad()
         hs = hs0.clone().requires_grad_(True)
-        logp, kl, ent = sdpg.chunked_token_terms(hs, ht, y, head, T, chunk)
+        logp, kl, _, ent = sdpg.chunked_token_terms(hs, ht, y, head, T, chunk)
         (logp * torch.linspace(-1, 1, M) + kl).sum().backward()
         return logp.detach(), kl.detach(), ent, hs.grad.clone(), head.weight.grad.clone()
 
@@ -135,7 +135,7 @@ def test_chunked_terms_keep_a_partial_last_chunk(M):
     def run(chunk):
         head.zero_grad()
         hs = hs0.clone().requires_grad_(True)
-        logp, kl, ent = sdpg.chunked_token_terms(hs, ht, y, head, 1.0, chunk)
+        logp, kl, _, ent = sdpg.chunked_token_terms(hs, ht, y, head, 1.0, chunk)
         (logp * torch.arange(1.0, M + 1) + kl).sum().backward()
         return logp.detach(), kl.detach(), ent, hs.grad.clone(), head.weight.grad.clone()
 
@@ -293,7 +293,7 @@ def test_left_padded_batch_equals_each_sequence_alone(tiny):
     rmask = sdpg.response_mask_from_stops(resp, [tok.eos_token_id])
     with torch.no_grad():
         h = sdpg.response_hidden_states(model, ids, mask, resp, rmask)  # (2, 4, H)
-        logp, _, _ = sdpg.chunked_token_terms(h[rmask.bool()], None, resp[rmask.bool()], model.lm_head, 1.0, 3)
+        logp = sdpg.chunked_token_terms(h[rmask.bool()], None, resp[rmask.bool()], model.lm_head, 1.0, 3).logp
         logp = sdpg.scatter_tokens(logp, rmask)
         for i in range(2):
             n = int(rmask[i].sum())
@@ -318,7 +318,7 @@ def test_scored_logprobs_equal_the_sampling_distribution(tiny):
     gen_logp = torch.stack([F.log_softmax(s, -1) for s in out.scores], 1).gather(-1, resp[..., None]).squeeze(-1)
     with torch.no_grad():
         h = sdpg.response_hidden_states(model, ids, mask, resp, rmask)
-        logp, _, _ = sdpg.chunked_token_terms(h[rmask.bool()], None, resp[rmask.bool()], model.lm_head, T, 4)
+        logp = sdpg.chunked_token_terms(h[rmask.bool()], None, resp[rmask.bool()], model.lm_head, T, 4).logp
     torch.testing.assert_close(sdpg.scatter_tokens(logp, rmask), gen_logp * rmask, rtol=1e-4, atol=1e-5)
 
 
@@ -1190,7 +1190,7 @@ def _update_from_scratch(weights, rows, old_logp, parts):
     for p in model.parameters():
         p.requires_grad_(True)
     model.train()
-    logp, kl, ref_logp, entropy = sdpg.score(model, ref, rb, rows, True, args, cpu)
+    logp, kl, ref_logp, entropy, _ = sdpg.score(model, ref, rb, rows, True, args, cpu)
     w = sdpg.token_weights(rb.response_mask[rows], 2)
     loss = sdpg.sdpg_loss(logp, old_logp[rows], kl, ref_logp, rb.advantages[rows], w, 0.5, 0.1, "urkl")
     loss.backward()
@@ -1990,10 +1990,13 @@ def _comparable(rows):
     return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
 
 
-def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("teacher", [[], ["--teacher", "ema", "--ema-rate", "0.5", "--beta", "0.5"]],
+                         ids=["policy", "ema"])
+def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, teacher):
     # The stopped run is given 400 steps so that it cannot end before the signal comes; a constant
-    # beta makes its first steps identical to those of a 12-step run.
-    run = SMALL_RUN + ["--beta-warmup", "0", "--beta-decay", "0"]
+    # beta makes its first steps identical to those of a 12-step run. With --teacher ema the average
+    # is part of the checkpoint: a resumed run that restarted it would distil towards other weights.
+    run = SMALL_RUN + ["--beta-warmup", "0", "--beta-decay", "0", *teacher]
     sdpg.main(run + ["--output-dir", str(tmp_path / "straight")])
     out = tmp_path / "stopped"
     # A real SIGINT to a real process, once it has logged step 3.
@@ -2129,6 +2132,10 @@ def test_nan_loss_is_skipped_and_stops_the_run(tmp_path, monkeypatch):
     (["--model", "./no-such-model"], "no such model directory"),
     (["--max-new-tokens", "600"], "exceeds the model's context of 512 tokens"),
     (["--fsdp"], "--fsdp shards the model over the processes that torchrun starts"),
+    (["--ema-rate", "1.5"], "--ema-rate must be between 0 and 1"),
+    (["--distill-topk", "0"], "--distill-topk must be positive"),
+    (["--teacher", "ema", "--fsdp"], "--teacher ema is not supported with --fsdp"),
+    (["--dataset", "toy-reverse", "--eval-n", "200"], "toy-reverse holds out 112 questions"),
 ])
 def test_bad_input_gets_one_clear_line(flags, message, tmp_path):
     with pytest.raises(SystemExit, match=message) as e:
@@ -2676,3 +2683,265 @@ if __name__ == "__main__" and sys.argv[1:2] == ["dist-worker"]:
     with sdpg.distributed(sdpg.parse_args(DIST_BASE)):  # ends the process group in order, as sdpg.main does
         _dist_worker(sys.argv[2])
     sdpg.end_process()  # as sdpg.py does after main
+
+
+# -----------------------------------------------------------------------------
+# Self-distillation where the teacher knows more: the tiny model taught to read its prompt, the tasks of
+# chosen difficulty, where the teacher's context comes from, who teaches, and the distillation estimators.
+
+CPU = sdpg.Compute(torch.device("cpu"), False)
+
+
+@pytest.fixture(scope="module")
+def reader(tmp_path_factory):
+    """The tiny reader of seed 0 (sdpg.py --model tiny-reader), pretrained once, saved as the study saves it."""
+    tok = sdpg.build_char_tokenizer()
+    model = sdpg.build_tiny_model(tok, seed=0)
+    steps = sdpg.pretrain_to_read(model, tok, seed=0)
+    path = str(tmp_path_factory.mktemp("reader") / "reader")
+    sdpg.save_checkpoint(model, tok, path)
+    return model, tok, path, steps
+
+
+def _held_out_accuracy(model, tok, task, teacher_context=None):
+    """Greedy accuracy on 100 fresh questions of a task (80 of toy-reverse's 112 held-out ones), the student's
+    view or the teacher's with its privileged context."""
+    _, held_out = sdpg.load_examples(task, 100 if task == "toy" else 80, seed=7)
+    right = sdpg.evaluate(model, tok, held_out, "", [tok.eos_token_id], 2 if task == "toy" else 4, 128, CPU,
+                          templates=sdpg.TOY_TEMPLATES, teacher_context=teacher_context)
+    return sum(right) / len(right)
+
+
+def test_the_reader_reads_its_prompt_and_knows_no_task(reader):
+    model, tok, _, steps = reader
+    assert steps <= sdpg.READING_MAX_STEPS
+    # chance: 1 in 10 for a digit; about 1 in 1,000 for three (binomial bounds at 100 and 80 questions)
+    for task, chance_bound in (("toy", 0.2), ("toy-reverse", 0.05)):
+        assert _held_out_accuracy(model, tok, task, "solution") >= 0.9, task  # the teacher's view reads the answer
+        assert _held_out_accuracy(model, tok, task) <= chance_bound, task  # the student's view cannot
+    # and it is the pretraining that reads: the same model untrained does not
+    untrained = sdpg.build_tiny_model(tok, seed=0)
+    assert _held_out_accuracy(untrained, tok, "toy-reverse", "solution") == 0.0
+
+
+def test_reading_lessons_never_teach_a_task_and_the_pretraining_is_seeded():
+    lessons = sdpg.reading_lessons(20_000, seed=0)
+    for task in sdpg.TOY_TASKS.values():
+        assert not any(ex["answer"] == task(ex["question"]) for ex in lessons)
+    assert {len(ex["answer"]) for ex in lessons} == {1, 2, 3} and all(ex["solution"] == "" for ex in lessons)
+    tok = sdpg.build_char_tokenizer()
+    weights = []
+    for seed in (0, 0, 1):
+        model = sdpg.build_tiny_model(tok, seed=seed)
+        assert sdpg.pretrain_to_read(model, tok, seed, max_steps=3) == 3
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+    assert not torch.equal(weights[0], torch.cat([p.flatten() for p in sdpg.build_tiny_model(tok, 0).parameters()]))
+
+
+def test_toy_tasks_and_their_held_out_questions():
+    train, held_out = sdpg.load_examples("toy-reverse", 112, seed=0)
+    assert all(ex["answer"] == ex["question"][::-1] != ex["question"] for ex in train + held_out)
+    assert {int(ex["question"]) % 8 for ex in held_out} == {0} and 0 not in {int(ex["question"]) % 8 for ex in train}
+    assert len({ex["question"] for ex in held_out}) == 112
+    args = sdpg.parse_args(["--model", "tiny-reader", "--dataset", "toy-reverse"])
+    assert args.max_new_tokens == 4 and args.lr == 3e-3 and args.instruction == ""
+    assert sdpg.default_templates("toy-reverse") == sdpg.TOY_TEMPLATES == sdpg.default_templates("toy")
+    assert sdpg.default_templates("gsm8k") == sdpg.DEFAULT_TEMPLATES
+
+
+def test_a_saved_tiny_checkpoint_loads_the_tokenizer_it_was_built_with(tmp_path, tiny):
+    """AutoTokenizer reads a saved tiny model's qwen2 config and returns a Qwen2Tokenizer, which encodes
+    'Q: 47\\nA: 7' as 5 ids instead of 10; load_model must give back the character tokenizer."""
+    model, tok = tiny
+    sdpg.save_checkpoint(model, tok, str(tmp_path / "ck"))
+    loaded_model, loaded = sdpg.load_model(str(tmp_path / "ck"), seed=0)
+    for text in ("Q: 47\nA: 7", "Mixed Case,  two spaces\n\nand (brackets) + $5%?"):
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert loaded(text, add_special_tokens=False).input_ids == ids and len(ids) == len(text)
+        assert loaded.decode(ids) == tok.decode(ids) == text.lower()
+    assert (loaded.pad_token_id, loaded.eos_token_id) == (tok.pad_token_id, tok.eos_token_id)
+    assert sdpg.is_char_tokenizer(str(tmp_path / "ck"))
+
+
+def test_each_teacher_context_builds_the_prompt_it_says():
+    exs = [{"question": "11", "answer": "7", "solution": "s1"}, {"question": "22", "answer": "7", "solution": "s2"},
+           {"question": "33", "answer": "3", "solution": "s3"}]
+    completions = ["row0", "row1", "row2", "row3", "row4", "row5"]  # G = 2 answers per question
+    correct = [True, False, False, False, True, True]
+    ctx = lambda c: sdpg.privileged_contexts(exs, c, 2, completions, correct)  # noqa: E731
+    assert ctx("solution") == [("7", "s1")] * 2 + [("7", "s2")] * 2 + [("3", "s3")] * 2
+    assert ctx("answer") == [("7", "")] * 2 + [("7", "")] * 2 + [("3", "")] * 2
+    # the control: the next question whose answer differs, never the row's own answer
+    assert ctx("other") == [("3", "s3")] * 2 + [("3", "s3")] * 2 + [("7", "s1")] * 2
+    # peer: another right answer of the same group, never the row's own; none -> the answer alone
+    assert ctx("peer") == [("7", ""), ("7", "row0"), ("7", ""), ("7", ""), ("3", "row5"), ("3", "row4")]
+    rng = random.Random(0)
+    for _ in range(200):
+        batch = [{"question": "q", "answer": rng.choice("123"), "solution": "s"} for _ in range(rng.randint(1, 6))]
+        for ex, (answer, _) in zip(batch, sdpg.privileged_contexts(batch, "other")):
+            assert answer != ex["answer"]
+    # the teacher's prompt: the question, the line stating what the teacher is shown; an empty line left out
+    texts = sdpg.teacher_texts(exs, "", sdpg.TOY_TEACHER_TEMPLATE, ctx("peer"), 2)
+    assert texts[1] == "11\nanswer: 7\nsolution: row0" and texts[0] == "11\nanswer: 7"
+    same = [{"question": "q", "answer": "5", "solution": ""}] * 2
+    assert sdpg.teacher_texts(same, "", sdpg.TOY_TEACHER_TEMPLATE, sdpg.privileged_contexts(same, "other")) == ["q"] * 2
+
+
+def test_rollouts_give_the_teacher_the_context_of_teacher_context():
+    tok = sdpg.build_char_tokenizer()
+    model = sdpg.build_tiny_model(tok, seed=1)
+    examples = sdpg.reverse_examples(3, seed=0, held_out=False)
+    for context in ("solution", "other"):
+        args = sdpg.parse_args(["--model", "tiny", "--dataset", "toy-reverse", "--group-size", "2",
+                                "--teacher-context", context])
+        rb = sdpg.collect_rollouts(model, tok, examples, args, "", [tok.eos_token_id], CPU, sdpg.TOY_TEMPLATES)
+        for row in range(6):
+            text = tok.decode(rb.teacher_ids[row][rb.teacher_mask[row].bool()])
+            own = examples[row // 2]["answer"]
+            assert text.startswith(f"q: {examples[row // 2]['question']}\n") and text.endswith("\na: ")
+            assert (f"answer: {own}\n" in text) == (context == "solution")
+
+
+def test_estimators_are_zero_with_zero_gradient_when_the_teacher_is_the_student():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 11)
+    y = torch.randint(0, 11, (5,))
+    for estimator in ("full", "topk", "sampled"):
+        s = logits.clone().requires_grad_(True)
+        value = sdpg.distill_kl(s, logits.clone(), y, estimator, 3)
+        value.sum().backward()
+        assert value.abs().max() < 1e-6 and s.grad.abs().max() < 1e-6, estimator
+
+
+def _two_outcome_sets(p, q, k):
+    """Reference for topk_reverse_kl: the K + 1 outcome distributions built by hand (the student's top-k
+    tokens, then one 'any other' outcome) and their KL from torch.distributions."""
+    top = p.topk(k).indices
+    p_k = torch.cat([p[top], (1 - p[top].sum()).reshape(1)])
+    q_k = torch.cat([q[top], (1 - q[top].sum()).reshape(1)])
+    return p_k, q_k
+
+
+def test_topk_estimator_is_a_kl_between_two_proper_distributions():
+    torch.manual_seed(1)
+    V = 9
+    s, t = torch.randn(4, V) * 2, torch.randn(4, V) * 2
+    full = sdpg.full_vocab_reverse_kl(s, t)
+    torch.testing.assert_close(sdpg.topk_reverse_kl(s, t, V), full, rtol=0, atol=0)  # K = V: the exact KL
+    for k in (1, 3, V - 1):
+        value = sdpg.topk_reverse_kl(s, t, k)
+        for i in range(4):
+            p_k, q_k = _two_outcome_sets(s[i].softmax(-1), t[i].softmax(-1), k)
+            assert math.isclose(p_k.sum().item(), 1, abs_tol=1e-6) and math.isclose(q_k.sum().item(), 1, abs_tol=1e-6)
+            ref = torch.distributions.kl_divergence(torch.distributions.Categorical(probs=p_k),
+                                                    torch.distributions.Categorical(probs=q_k))
+            assert math.isclose(value[i].item(), ref.item(), rel_tol=1e-4, abs_tol=1e-6), (k, i)
+        assert (value <= full + 1e-6).all()  # merging outcomes never raises a KL
+    # its gradient is that of the hand-built KL (the top-k set itself carries none)
+    s1 = s.clone().requires_grad_(True)
+    sdpg.topk_reverse_kl(s1, t, 3).sum().backward()
+    s2 = s.clone().requires_grad_(True)
+    p, q = s2.softmax(-1), t.softmax(-1)
+    sum(torch.distributions.kl_divergence(*(torch.distributions.Categorical(probs=x) for x in _two_outcome_sets(
+        p[i], q[i], 3))) for i in range(4)).backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sampled_estimator_is_unbiased_for_the_kl_and_its_gradient():
+    """Monte Carlo over D draws y ~ p per position: the mean of the estimator's value is the exact KL and the
+    mean of its gradient is the exact KL's gradient, each within 5 standard errors of the draws' mean."""
+    torch.manual_seed(2)
+    V, D = 6, 200_000
+    s, t = torch.randn(3, V), torch.randn(3, V)
+    y = torch.multinomial(s.softmax(-1), D, replacement=True)  # (3, D) draws from the student
+    s1 = s.clone().requires_grad_(True)
+    values = sdpg.sampled_reverse_kl(s1[:, None, :].expand(3, D, V), t[:, None, :].expand(3, D, V), y)  # (3, D)
+    values.mean(dim=1).sum().backward()
+    s2 = s.clone().requires_grad_(True)
+    full = sdpg.full_vocab_reverse_kl(s2, t)
+    full.sum().backward()
+    se = values.detach().std(dim=1) / math.sqrt(D)
+    assert ((values.detach().mean(dim=1) - full.detach()).abs() <= 5 * se).all()
+    # the per-draw gradients in closed form, r (onehot(y) - p), for their standard error
+    p = s.softmax(-1)
+    per_draw = values.detach()[..., None] * (F.one_hot(y, V).float() - p[:, None, :])  # (3, D, V)
+    torch.testing.assert_close(per_draw.mean(dim=1), s1.grad, rtol=1e-4, atol=1e-6)
+    assert ((s1.grad - s2.grad).abs() <= 5 * per_draw.std(dim=1) / math.sqrt(D) + 1e-6).all()
+
+
+def test_the_logged_kl_is_the_exact_one_whichever_estimator_trains(tiny):
+    model, tok = tiny
+    args = sdpg.parse_args(["--model", "tiny", "--group-size", "4", "--max-new-tokens", "4"])
+    rb = sdpg.collect_rollouts(model, tok, sdpg.toy_examples(2, seed=3), args, "", [tok.eos_token_id], CPU,
+                               sdpg.TOY_TEMPLATES)
+    terms = {e: sdpg.score(model, None, rb, slice(0, 8), True, dataclasses.replace(args, distill_estimator=e,
+                                                                                    distill_topk=2), CPU)
+             for e in ("full", "topk", "sampled")}
+    for e in ("topk", "sampled"):
+        torch.testing.assert_close(terms[e].kl_exact, terms["full"].kl_distill.detach())
+        assert not torch.allclose(terms[e].kl_distill, terms["full"].kl_distill)  # another term trains
+    # and the metric of an update is that exact KL (the weights are the same before each update)
+    logged = {}
+    for e in ("full", "sampled"):
+        trained = sdpg.frozen_copy(model, torch.float32).requires_grad_(True)
+        optimizer, scheduler = sdpg.build_optimizer(trained, args)
+        logged[e] = sdpg.policy_update(trained, None, optimizer, scheduler, rb, 0.5,
+                                       dataclasses.replace(args, distill_estimator=e, alpha=0.0), CPU)["kl_distill"]
+    assert logged["sampled"] == pytest.approx(logged["full"], rel=1e-5) and logged["full"] > 0
+
+
+def test_ema_teacher_moves_towards_the_policy_and_other_teachers_score_the_kl(tiny):
+    model, tok = tiny
+    ema = sdpg.frozen_copy(model, torch.float32)
+    before = [p.clone() for p in ema.parameters()]
+    with torch.no_grad():
+        moved = copy_model = sdpg.frozen_copy(model, torch.float32)
+        for p in moved.parameters():
+            p.add_(1.0)
+    sdpg.ema_update(ema, copy_model, 0.9)
+    for b, e, m in zip(before, ema.parameters(), moved.parameters()):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * m)
+    # score's KL is taken against the teacher model given: here another model, on the teacher's prompts
+    args = sdpg.parse_args(["--model", "tiny", "--group-size", "2", "--max-new-tokens", "3"])
+    rb = sdpg.collect_rollouts(model, tok, sdpg.toy_examples(1, seed=0), args, "", [tok.eos_token_id], CPU,
+                               sdpg.TOY_TEMPLATES)
+    kl = sdpg.score(model, None, rb, slice(0, 2), True, args, CPU, teacher_model=moved).kl_distill
+    with torch.no_grad():
+        for i in range(2):
+            n = int(rb.response_mask[i].sum())
+            student = model.lm_head(sdpg.response_hidden_states(model, rb.prompt_ids[i:i + 1], rb.prompt_mask[i:i + 1],
+                                                                rb.response_ids[i:i + 1], rb.response_mask[i:i + 1]))
+            teacher = moved.lm_head(sdpg.response_hidden_states(moved, rb.teacher_ids[i:i + 1],
+                                                                rb.teacher_mask[i:i + 1], rb.response_ids[i:i + 1],
+                                                                rb.response_mask[i:i + 1]))
+            torch.testing.assert_close(kl[i, :n], sdpg.full_vocab_reverse_kl(student, teacher)[0, :n],
+                                       rtol=1e-4, atol=1e-5)
+
+
+def _metrics(path):
+    return [r for r in _rows(os.path.join(path, "metrics.jsonl"))]
+
+
+def test_a_frozen_teacher_lifts_the_hard_task_where_the_verifier_alone_and_sdpgs_own_teacher_do_not(reader, tmp_path):
+    """The mechanism the study found (README, See the distillation work), in seconds. On toy-reverse a right
+    answer is about 1 draw in 1,000, so the verifier alone (--beta 0) learns nothing; the reader's frozen
+    initial weights, shown the answer, teach it; SDPG's own teacher moves with the student and within 20 steps
+    forgets how to read, its KL falling to about 0. Fails if the distillation's gradient is cut or the teacher
+    is shown no answer."""
+    _, _, path, _ = reader
+    run = ["--model", path, "--dataset", "toy-reverse", "--batch-prompts", "16", "--lr", "3e-3", "--alpha", "0.05",
+           "--micro-batch", "128", "--max-new-tokens", "4", "--eval-n", "80", "--save-every", "0",
+           "--beta-warmup", "0", "--beta-decay", "0"]
+    distil = ["--beta", "1", "--no-gate", "--steps", "80", "--eval-every", "0"]
+    sdpg.main(run + ["--beta", "0", "--steps", "80", "--eval-every", "0", "--output-dir", str(tmp_path / "grpo")])
+    sdpg.main(run + distil + ["--teacher", "reference", "--output-dir", str(tmp_path / "reference")])
+    sdpg.main(run + ["--beta", "1", "--no-gate", "--steps", "20", "--eval-every", "20",
+                     "--output-dir", str(tmp_path / "policy")])
+    grpo, reference, policy = (_metrics(tmp_path / name) for name in ("grpo", "reference", "policy"))
+    assert grpo[-1]["eval_accuracy"] == 0.0 and "eval_teacher_accuracy" not in grpo[-1]
+    assert reference[0]["eval_accuracy"] == 0.0 and reference[-1]["eval_accuracy"] >= 0.04
+    assert reference[-1]["eval_teacher_accuracy"] >= 0.9  # a frozen teacher keeps what it knows
+    assert reference[-1]["kl_distill"] < 0.5 * reference[1]["kl_distill"]
+    assert policy[0]["eval_teacher_accuracy"] >= 0.9 and policy[-1]["eval_teacher_accuracy"] <= 0.2
+    assert policy[-1]["kl_distill"] < 0.1 * policy[1]["kl_distill"] and policy[-1]["eval_accuracy"] == 0.0

@@ -44,7 +44,8 @@ def recheck(run_dir: str) -> dict:
     sampler = sdpg.make_sampler(model.to(device), bf16)  # evaluated as in the run: the sampler copy
     correct = sdpg.evaluate(sampler, tokenizer, held_out, args.instruction, stop_ids, args.max_new_tokens,
                             args.batch_prompts * args.group_size, sdpg.Compute(device, bf16),
-                            templates=sdpg.read_templates(args.student_template, args.teacher_template),
+                            templates=sdpg.read_templates(args.student_template, args.teacher_template,
+                                                     sdpg.default_templates(args.dataset)),
                             reward=sdpg.reward_function(args.verifier))
     met = questions_met(train, args)
     unseen = [c for c, ex in zip(correct, held_out) if ex["question"] not in met]
