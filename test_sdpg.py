@@ -2238,7 +2238,8 @@ def test_bf16_sampler_follows_the_policy():
 # where their package is not installed; CI installs both.
 
 TRACKED = ["reward_mean", "kl_distill", "kl_ref", "beta", "gate_frac", "loss", "entropy", "grad_norm",
-           "skipped_updates", "response_len", "lr", "time_s", "eval_accuracy"]  # every key of KILL_RUN's rows
+           "skipped_updates", "response_len", "lr", "time_s", "eval_accuracy",
+           "eval_teacher_accuracy"]  # every key of KILL_RUN's rows
 
 
 def _expected_curves(rows):
