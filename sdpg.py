@@ -1379,6 +1379,16 @@ def shaped_reward(correct: Tensor, lengths: Tensor, wrong_reward: float, max_len
     return reward + overlong_penalty(lengths, max_len, buffer)  # (N,)
 
 
+# The rows of a batch come in groups of G answers to one prompt, laid out contiguously, and the group
+# statistics below reshape (N,) into (N / G, G). A row count that is not a multiple of G means the caller
+# mixed up its batch (a group cut in two, or the wrong --group-size); without this check the reshape would
+# fail with a message about shapes that names neither number.
+def check_whole_groups(rows: int, group_size: int) -> None:
+    """Raises a one-line ValueError unless `rows` is a whole number of groups of `group_size` rows."""
+    if rows % group_size:
+        raise ValueError(f"the number of rows N ({rows}) must be a multiple of the group size G ({group_size})")
+
+
 # A_i = (R_i - mean_G(R)) / (std_G(R) + eps), unbiased std                          (Eq. 2.1)
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
     """Group-relative, std-normalised advantages. rewards (N,) grouped contiguously, N = prompts * G.
@@ -1389,6 +1399,7 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Ten
     """
     if group_size < 2:
         raise ValueError("group_size must be >= 2: the std of a single reward is undefined")
+    check_whole_groups(rewards.shape[0], group_size)
     r = rewards.float().view(-1, group_size)  # (B, G)
     A = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + eps)  # (B, G), torch.std is unbiased
     return A.view(-1)  # (N,)
@@ -1416,6 +1427,7 @@ def token_weights(mask: Tensor, group_size: int, agg: str = "group") -> Tensor:
         return m / m.sum()  # (N, L)
     if agg != "group":
         raise ValueError(f"unknown loss aggregation {agg!r}; use group or token-mean")
+    check_whole_groups(m.shape[0], group_size)
     tokens_per_group = m.view(-1, group_size, m.shape[1]).sum(dim=(1, 2))  # (B,)
     per_sequence = tokens_per_group.repeat_interleave(group_size)[:, None]  # (N, 1)
     return m / per_sequence / tokens_per_group.shape[0]  # (N, L)

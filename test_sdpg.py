@@ -174,6 +174,19 @@ def test_token_weights_normalise_per_group_and_average_over_prompts():
     assert math.isclose(w.sum().item(), 1.0, rel_tol=1e-6)
 
 
+def test_rows_that_are_not_whole_groups_get_one_clear_error():
+    """N = 6 rows with G = 4: both functions name the two numbers instead of failing in a reshape (guards
+    against the bare view() error, which says nothing of groups)."""
+    message = r"^the number of rows N \(6\) must be a multiple of the group size G \(4\)$"
+    with pytest.raises(ValueError, match=message):
+        sdpg.group_advantages(torch.zeros(6), group_size=4)
+    with pytest.raises(ValueError, match=message):
+        sdpg.token_weights(torch.ones(6, 3), group_size=4)
+    # whole groups still pass, and token-mean, which needs no groups, is not checked
+    assert sdpg.group_advantages(torch.zeros(8), group_size=4).shape == (8,)
+    assert sdpg.token_weights(torch.ones(6, 3), group_size=4, agg="token-mean").sum().item() == pytest.approx(1.0)
+
+
 def test_positive_advantage_gate_and_loss_normaliser():
     torch.manual_seed(4)
     n, L = 4, 3
