@@ -1126,16 +1126,30 @@ def generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_
 def hf_generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int,
                 temperature: float, top_p: float, stop_ids: list[int], pad_id: int) -> tuple[Tensor, Tensor]:
     """generate() through transformers' model.generate: every model, top-p, and host-bound speed.
-    It derives position ids from the attention mask, so left padding shifts nothing. Settings not
-    passed here come from model.generation_config (a Hub model's may hold a repetition penalty, which
-    would draw the answers from another distribution than p_t): build_models replaces it with a plain one.
-    top_k=0 because transformers would otherwise keep only the 50 likeliest tokens."""
+    It derives position ids from the attention mask, so left padding shifts nothing. The answers come from
+    softmax(logits / temperature) (cut to the top-p nucleus) and nothing else, whoever calls this: no setting
+    is taken from model.generation_config (a Hub model's may hold a repetition penalty, top_k, min_p...,
+    which would draw the answers from another distribution than p_t). top_k=0 because transformers would
+    otherwise keep only the 50 likeliest tokens."""
+    from transformers import GenerationConfig
+
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
         dict(do_sample=False)
     # use_cache=True: with gradient checkpointing switched on, some transformers versions would
     # otherwise drop the KV cache and recompute the whole sequence at every new token.
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                         eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True, **sampling)  # (N, P + L)
+    plain = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
+                             use_cache=True, **sampling)
+    # Passing `plain` alone is not enough: transformers (5.x) fills every setting that a passed config leaves
+    # unset (None: repetition_penalty, min_p, no_repeat_ngram_size...) from model.generation_config, and only
+    # then from its neutral defaults. So for this one call the model's own config is `plain` too, and every
+    # setting not named above gets transformers' neutral default; the model's config is put back afterwards,
+    # also on an error, so a caller (or save_pretrained) finds it unchanged.
+    kept = model.generation_config
+    model.generation_config = plain
+    try:
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=plain)  # (N, P + L)
+    finally:
+        model.generation_config = kept
     response_ids = out[:, prompt_ids.shape[1]:]  # (N, L)
     return response_ids, response_mask_from_stops(response_ids, stop_ids)
 
@@ -2287,8 +2301,9 @@ def build_models(args: Args, compute: Compute):
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"error: the tokenizer of {args.model} has no EOS token, so answers could never end")
     stop_ids = stop_token_ids(model, tokenizer)
-    # Our sampling settings replace whatever the Hub's generation_config holds (top_k, repetition
-    # penalty...), which would otherwise make the answers come from another distribution than p_t.
+    # Sampling never reads the Hub's generation_config (hf_generate passes its own settings), but
+    # save_pretrained writes it beside every checkpoint: a plain one with the stop ids we trained with
+    # makes a checkpoint end its answers where training did, with no sampling setting we never used.
     from transformers import GenerationConfig
     model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     # The copy is made on the CPU, so the device never holds two float32 models at once.
