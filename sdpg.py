@@ -1835,14 +1835,51 @@ def update_share(mask: Tensor, agg: str) -> float:
 # which would bypass those hooks and silently train every rank on its own gradient. Summing by hand
 # after all micro-batches is a few lines, runs once per update, and cannot be bypassed. Sum, not mean:
 # the token weights already make the loss the global one (update_share).
-def all_reduce_gradients(model: nn.Module) -> None:
-    """Sums every parameter's gradient over the ranks, in place (nothing to do in one process)."""
+# One collective per bucket of gradients, not per parameter: each collective pays a fixed cost (a round
+# trip between the ranks, a launch), which a model of hundreds of small tensors pays hundreds of times.
+# Measured on CPU, gloo, 2 processes, ms per call: the tiny model (26 tensors, 0.5 MB) 15 per parameter
+# against 1 in buckets of 25 MB; a 24-layer Qwen2 of hidden size 256 (290 tensors, 121 MB) 350-410 against
+# 150-230. One bucket for everything was slower (310-370 ms on the big shape): a copy that large no longer
+# fits in the caches. A bucket costs a copy of its gradients, 25 MB at most, while it is summed.
+GRAD_BUCKET_BYTES = 25 * 2**20
+
+
+def gradient_buckets(grads: list[Tensor], bucket_bytes: int = GRAD_BUCKET_BYTES) -> list[list[Tensor]]:
+    """Splits grads, in order, into runs of one device and dtype (a flat tensor has one of each) holding at
+    most bucket_bytes; a gradient bigger than that has a bucket of its own.
+
+    >>> [len(b) for b in gradient_buckets([torch.zeros(3), torch.zeros(2), torch.zeros(9), torch.zeros(1)], 20)]
+    [2, 1, 1]
+    """
+    buckets: list[list[Tensor]] = []
+    size = 0  # bytes in the last bucket
+    for g in grads:
+        n = g.numel() * g.element_size()
+        last = buckets[-1] if buckets else None
+        if last is None or (last[0].device, last[0].dtype) != (g.device, g.dtype) or size + n > bucket_bytes:
+            buckets.append([g])
+            size = n
+        else:
+            last.append(g)
+            size += n
+    return buckets
+
+
+def all_reduce_gradients(model: nn.Module, bucket_bytes: int = GRAD_BUCKET_BYTES) -> None:
+    """Sums every parameter's gradient over the ranks, in place, one all-reduce per bucket of gradients
+    (gradient_buckets); nothing to do in one process."""
     if rank_and_world()[1] == 1 or isinstance(model, FSDPModule):  # FSDP has summed them in the backward pass
         return
     for p in model.parameters():
         if p.grad is None:  # every rank must send the same tensors; a gradient nobody produced is 0
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
+    # Every rank walks the same parameters in the same order, so every rank builds the same buckets and the
+    # collectives pair up.
+    for bucket in gradient_buckets([p.grad for p in model.parameters()], bucket_bytes):
+        flat = torch.cat([g.reshape(-1) for g in bucket])  # (sum of the bucket's numels,), a copy
+        dist.all_reduce(flat)
+        for g, summed in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(summed.view_as(g))  # back into the gradient tensors that the optimiser reads
 
 
 def any_rank(flag: bool) -> bool:

@@ -8,6 +8,7 @@ a closed-form gradient, or the same computation done another way.
 
 import ast
 import contextlib
+import copy
 import dataclasses
 import doctest
 import json
@@ -557,8 +558,6 @@ def test_transformers_generate_ignores_the_models_generation_config():
     sampled ones equal, draw for draw, those of the same weights with a plain config, and the model's config
     is left as it was. Guards against settings that hf_generate does not pass being taken from the model's
     config, which would draw the answers from another distribution than softmax(logits / T)."""
-    import copy
-
     from transformers import GenerationConfig, Qwen2Config
 
     clean = _decoder_model(Qwen2Config)
@@ -2717,6 +2716,44 @@ def test_a_run_under_torchrun_ends_its_process_group_before_returning(monkeypatc
             assert dist.is_initialized()
             raise SystemExit("stop")
     assert not dist.is_initialized()
+
+
+def test_gradients_are_summed_in_buckets_one_collective_each(tiny, monkeypatch):
+    """all_reduce_gradients as two ranks with equal gradients would see it (a fake all-reduce that doubles
+    what it is given): every gradient comes back exactly doubled, a missing one as zeros, with one collective
+    per bucket of at most bucket_bytes (one for the whole tiny model by default) instead of one per parameter.
+    Guards against gradients copied back to the wrong place from the flat tensor, a None gradient skipped
+    (the ranks' buckets would no longer pair up), and a return to a collective per parameter."""
+    model = copy.deepcopy(tiny[0])
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    for p in params[1:]:
+        p.grad = torch.randn(p.shape, generator=g)
+    params[0].grad = None  # a parameter that got no gradient on this rank
+    sent = []
+
+    def fake_all_reduce(t, *args, **kwargs):
+        sent.append((t.numel(), t.dtype))
+        t.mul_(2)  # the sum over two ranks holding the same values
+
+    monkeypatch.setattr(sdpg.dist, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(sdpg, "rank_and_world", lambda: (0, 2))
+    for bucket_bytes, calls in ((sdpg.GRAD_BUCKET_BYTES, 1), (64 * 1024, None)):
+        before = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        sent.clear()
+        sdpg.all_reduce_gradients(model, bucket_bytes)
+        for p, b in zip(params, before):
+            assert torch.equal(p.grad, 2 * b)
+        assert params[0].grad is not None and not params[0].grad.any()
+        assert sum(n for n, _ in sent) == sum(p.numel() for p in params)  # every element once, nothing twice
+        biggest = max(p.numel() for p in params)
+        assert all(n * 4 <= bucket_bytes or n == biggest for n, _ in sent)
+        assert len(sent) == (calls or len(sdpg.gradient_buckets([p.grad for p in params], bucket_bytes)))
+        assert 1 <= len(sent) < len(params) // 2
+    # a bucket holds one dtype: a half-precision gradient between two float32 ones is a bucket of its own
+    mixed = [torch.zeros(4), torch.zeros(4, dtype=torch.float16), torch.zeros(4)]
+    assert [[t.dtype for t in b] for b in sdpg.gradient_buckets(mixed)] == [[torch.float32], [torch.float16],
+                                                                             [torch.float32]]
 
 
 def test_a_global_batch_that_ranks_cannot_share_is_refused():
