@@ -2137,6 +2137,12 @@ def restore_checkpoint(path: str, model, optimizer, scheduler, order: random.Ran
     from transformers import AutoModelForCausalLM
 
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    # The weights are read back through from_pretrained, not straight from the checkpoint's safetensors
+    # file(s): save_pretrained writes the Hub's layout, not the model's own. It leaves out a tied output
+    # layer, and (transformers 5.x) undoes the conversions that loading applies, e.g. an MoE model's fused
+    # expert tensors are written as one tensor per expert under other names, so that file's keys would not
+    # match the model's state dict. from_pretrained redoes exactly those conversions; it costs a second
+    # float32 model on the CPU for a moment.
     weights = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     load_states(model, optimizer, weights.state_dict(), state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

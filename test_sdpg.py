@@ -2152,6 +2152,40 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, tiny, mon
     AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-1")
 
 
+def test_a_checkpoint_of_a_model_whose_saved_layout_differs_restores_its_weights(tmp_path):
+    """restore_checkpoint on an MoE model, which save_pretrained writes with one tensor per expert where the
+    model holds them fused (transformers 5.x), gives back exactly the saved weights and optimiser state. Guards
+    against reading the checkpoint's safetensors file straight into load_state_dict: its keys are not the
+    model's, and the load fails."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(vocab_size=50, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                            num_experts=4, num_experts_per_tok=2, tie_word_embeddings=True)
+
+    def model_and_optimizer(seed):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model(input_ids=torch.tensor([[3, 4, 5]])).logits.sum().backward()
+        optimizer.step()
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    saved, saved_optimizer, saved_scheduler = model_and_optimizer(0)
+    state = {"optimizer": saved_optimizer.state_dict(), "scheduler": saved_scheduler.state_dict(),
+             "order": random.Random(0).getstate(), "rng": sdpg.rng_states()}
+    sdpg.save_checkpoint(saved, sdpg.build_char_tokenizer(), str(tmp_path / "checkpoint-1"), state)
+    on_disk = load_file(tmp_path / "checkpoint-1" / "model.safetensors")
+    assert set(on_disk) != set(saved.state_dict())  # the layout on disk is not the model's: the case this guards
+    model, optimizer, scheduler = model_and_optimizer(1)
+    sdpg.restore_checkpoint(str(tmp_path / "checkpoint-1"), model, optimizer, scheduler, random.Random(5))
+    for (name, a), b in zip(model.state_dict().items(), saved.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for a, b in zip(optimizer.state.values(), saved_optimizer.state.values(), strict=True):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
 def test_bad_steps_must_come_in_a_row_to_stop_the_run():
     """A step with a skipped update counts, a good one resets the count, the third bad one in a row stops
     (guards a count that never resets, which would stop a long run after any three scattered NaNs)."""
