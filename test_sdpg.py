@@ -832,6 +832,37 @@ def test_compare_plot_mean_and_spread_over_seeds():
     assert mean == pytest.approx([0.2, 0.3]) and low == [0.1, 0.1] and high == [0.3, 0.5]
 
 
+def test_distill_study_summary_and_figure_from_metrics_rows(tmp_path):
+    """The study's per-run summary: the first evaluation reaching the stated accuracy, the final student and
+    teacher accuracies, the gate's mean share; the figure redraws from the summary.json it writes."""
+    import distill_study
+
+    def rows(accuracies, teacher):
+        out = [{"step": 0, "eval_accuracy": accuracies[0], **({"eval_teacher_accuracy": 1.0} if teacher else {})}]
+        for step, acc in enumerate(accuracies[1:], start=1):
+            out.append({"step": step, "reward_mean": acc, "gate_frac": 0.25, "time_s": 0.1,
+                        "kl_distill": 0.5 if teacher else None, "eval_accuracy": acc,
+                        **({"eval_teacher_accuracy": 1.0 - acc} if teacher else {})})
+        return out
+
+    s = distill_study.summarise(rows([0.0, 0.2, 0.6, 0.4], teacher=True), reach=0.5)
+    assert s["steps_to_reach"] == 2 and s["final_accuracy"] == 0.4 and s["initial_teacher_accuracy"] == 1.0
+    assert s["final_teacher_accuracy"] == pytest.approx(0.6) and s["mean_gate_frac"] == 0.25
+    assert distill_study.summarise(rows([0.0, 0.1], teacher=False), reach=0.5)["steps_to_reach"] is None
+    run = lambda seed, name: distill_study.summarise(rows([0.0, 0.1 * seed, 0.3], name != "grpo"), 0.5)  # noqa: E731
+    results = {task: {name: [{"seed": seed, "summary": run(seed, name)} for seed in (0, 1)]
+                      for name in ("grpo", "teacher-reference")} for task in ("toy", "toy-reverse")}
+    table = distill_study.table(results, 0.5, None)
+    assert "| teacher-reference | 0.00 (0.00-0.00) | 1.00 (1.00-1.00) | 0.30 (0.30-0.30) |" in table
+    pytest.importorskip("matplotlib", reason="the figure needs matplotlib")
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"results": {t: {n: [{"seed": x["seed"], **x["summary"]} for x in runs]
+                                                   for n, runs in by.items()} for t, by in results.items()}}))
+    subprocess.run([sys.executable, os.path.join(HERE, "benchmarks", "distill_study.py"), "--figure-from",
+                    str(summary), "--results", str(tmp_path)], check=True, timeout=HANG_TIMEOUT)
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
 def test_unseen_accuracy_knows_the_training_questions(tmp_path, monkeypatch):
     from unseen_accuracy import questions_met
 

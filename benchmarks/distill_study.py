@@ -132,9 +132,19 @@ def table(results: dict, reach: float, steps: int | None) -> str:
                              "questions\n")
 
 
+# The figure's panels: one question each, the same variants in the same colours on both tasks.
+PANELS = {
+    "who teaches": ["grpo", "sdpg-paper", "beta1-nogate", "teacher-ema", "teacher-reference"],
+    "beta and the gate (policy teacher)": ["grpo", "sdpg-paper", "beta0.1-gate", "beta1-gate", "beta0.1-nogate",
+                                           "beta1-nogate", "policy-lr3e-4", "policy-alpha0.5"],
+    "what the teacher is shown": ["grpo", "teacher-reference", "context-other", "context-peer"],
+    "what drives the gradient": ["grpo", "teacher-reference", "estimator-topk", "estimator-sampled"],
+}
+
+
 def plot(results: dict, path: str) -> bool:
-    """Per task, the student's and the teacher's-view held-out accuracy against step: mean over the seeds,
-    lowest to highest seed shaded."""
+    """Per task (row) and question (column): the student's held-out accuracy against step, mean over the seeds
+    (solid, lowest to highest seed shaded), and the teacher's view (dashed, the mean)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -142,26 +152,36 @@ def plot(results: dict, path: str) -> bool:
     except ImportError:
         print("matplotlib is not installed: no figure (summary.md is complete)")
         return False
-    fig, axes = plt.subplots(2, len(results), figsize=(7 * len(results), 9), squeeze=False)
-    colours = plt.get_cmap("tab20").colors
-    for col, (task, by_variant) in enumerate(results.items()):
-        for row, key in enumerate(("accuracy", "teacher_accuracy")):
+    names = list(VARIANTS)
+    colours = {name: plt.get_cmap("tab20").colors[i % 20] for i, name in enumerate(names)}
+    fig, axes = plt.subplots(len(results), len(PANELS), figsize=(5 * len(PANELS), 4.2 * len(results)), squeeze=False)
+    for row, (task, by_variant) in enumerate(results.items()):
+        for col, (question, variants) in enumerate(PANELS.items()):
             ax = axes[row][col]
-            for i, (name, runs) in enumerate(by_variant.items()):
-                per_seed = [[(e["step"], e[key]) for e in x["summary"]["evals"] if e[key] is not None] for x in runs]
-                if not all(per_seed):
-                    continue
-                steps, mean, low, high = compare.mean_and_spread(per_seed)
-                ax.plot(steps, mean, color=colours[i % 20], marker=".", label=name)
-                ax.fill_between(steps, low, high, color=colours[i % 20], alpha=0.12, linewidth=0)
-            ax.set_title(f"{task}: {'student' if key == 'accuracy' else 'teacher view (privileged prompt)'}")
+            for name in (v for v in variants if v in by_variant):
+                runs = by_variant[name]
+                for key, style in (("accuracy", "-"), ("teacher_accuracy", "--")):
+                    per_seed = [[(e["step"], e[key]) for e in x["summary"]["evals"] if e[key] is not None]
+                                for x in runs]
+                    if not all(per_seed):
+                        continue
+                    steps, mean, low, high = compare.mean_and_spread(per_seed)
+                    ax.plot(steps, mean, style, color=colours[name], linewidth=1.6 if style == "-" else 1.0,
+                            label=name if style == "-" else None)
+                    if style == "-":
+                        ax.fill_between(steps, low, high, color=colours[name], alpha=0.12, linewidth=0)
+            ax.set_title(f"{task}: {question}", fontsize=10)
             ax.set_xlabel("training step")
-            ax.set_ylabel("held-out accuracy (greedy)")
             ax.set_ylim(-0.03, 1.03)
-    axes[0][0].legend(fontsize=7, ncol=2, title=f"mean of {len(next(iter(next(iter(results.values())).values())))} "
-                      "seeds; shaded: lowest to highest", title_fontsize=7)
+            if col == 0:
+                ax.set_ylabel("held-out accuracy (greedy)")
+            if row == 0:
+                ax.legend(fontsize=7, loc="upper left")
+    n_seeds = len(next(iter(next(iter(results.values())).values())))
+    fig.suptitle(f"solid: the student, mean of {n_seeds} seeds, lowest to highest seed shaded; dashed: the "
+                 "teacher's view (the teacher's weights shown the privileged prompt), mean", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     return True
 
 
@@ -177,7 +197,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="training steps of every run [default: each task's own]")
     p.add_argument("--reach", type=float, default=0.5, help="accuracy for 'steps to reach'")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one CPU thread each")
+    p.add_argument("--figure-from", metavar="SUMMARY_JSON", help="only redraw curves.png (into --results) from a "
+                   "summary.json this script wrote; nothing runs")
     args = p.parse_args()
+    if args.figure_from:
+        with open(args.figure_from) as f:
+            saved = json.load(f)["results"]
+        results = {task: {name: [{"seed": x["seed"], "summary": x} for x in runs] for name, runs in by_variant.items()}
+                   for task, by_variant in saved.items()}
+        os.makedirs(args.results, exist_ok=True)
+        plot(results, os.path.join(args.results, "curves.png"))
+        return
     t0 = time.time()
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # each run takes one core; --jobs of them go at once
 
