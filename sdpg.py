@@ -32,8 +32,9 @@ Choices made here, each on purpose:
     the authors' default; ufkl, best in their tables; fkl; rkl: Appendix A.2).
   * One optimiser step per batch of rollouts by default, which is exactly on-policy; with
     --updates-per-batch > 1 the importance ratio and DAPO's dual clip come in (Appendix A.3).
-  * The defaults follow the paper, except --kl-mode urkl and --clip-high 0.28 (the released
-    script's; the paper reports urkl and ufkl). Where the authors' released training script differs (no gate,
+  * The defaults follow the paper's method, except --kl-mode urkl and --clip-high 0.28, the released
+    script's (the paper reports both urkl and ufkl, ufkl best), and a run scaled down to one GPU (16
+    prompts, not 128; 512-token answers, not 4096). Where the authors' released training script differs (no gate,
     constant beta, a token mean, +1/-1 rewards with an overlong penalty, 8 updates per batch), a
     flag gives its value; --help names both, and README.md has both command lines.
   * Sampling, nearly all of a step's time, is a decoding loop of our own: a static KV cache and one
@@ -43,7 +44,19 @@ Run it:
   python sdpg.py --model tiny --dataset toy     # offline demo on a laptop CPU, about a minute
   python sdpg.py --model Qwen2.5-0.5B           # GSM8K on one GPU
   python sdpg.py --help                         # every setting, with the paper's values
+
+The file, in order (a reader who stops at the end of part 4 has read the whole method):
+  1. The SDPG maths: advantages, token weights, the exact reverse KL (and two cheaper stand-ins), the
+     reference-KL anchor, the outcome loss and its clips, sdpg_loss, beta's schedule, the rewards.
+  2. Scoring: the student, teacher and reference views of one sampled answer, a chunk of tokens at a time.
+  3. Sampling: the decoding loop (a static KV cache, one fixed-shape step, a CUDA graph on a GPU); all
+     the method needs of it is generate()'s contract, so a first read may skim it.
+  4. One training step: sample, grade with the verifier, score the three views (score), update.
+  5. The machinery: settings, device, models, data, prompts, more than one process, evaluation,
+     checkpoints, run bookkeeping, and main, which only wires the parts together.
 """
+
+from __future__ import annotations  # annotations may name classes defined further down (Args, Compute)
 
 import argparse
 import contextlib
@@ -63,7 +76,7 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import NamedTuple, TextIO
+from typing import NamedTuple, TextIO, get_type_hints
 
 import torch
 import torch.distributed as dist
@@ -74,6 +87,896 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from verifiers import extract_answer, gsm8k_gold, math_reward
+
+
+# -----------------------------------------------------------------------------
+# The SDPG maths. Rewards and advantages are (N,), one per answer; loss terms are (n, L): n rows of the
+# batch (an update or a micro-batch) by L response positions, with `weights` holding each token's share
+# of the update. Every function here but reward_function (which picks the verifier) is pure on tensors:
+# copy it into another trainer as it is. SG[x] is stop-gradient (x.detach()): x's value, no gradient.
+
+
+# The rows of a batch come in groups of G answers to one prompt, laid out contiguously, and the group
+# statistics below reshape (N,) into (N / G, G). A row count that is not a multiple of G means the caller
+# mixed up its batch (a group cut in two, or the wrong --group-size); without this check the reshape would
+# fail with a message about shapes that names neither number.
+def check_whole_groups(rows: int, group_size: int) -> None:
+    """Raises a one-line ValueError unless `rows` is a whole number of groups of `group_size` rows."""
+    if rows % group_size:
+        raise ValueError(f"the number of rows N ({rows}) must be a multiple of the group size G ({group_size})")
+
+
+# A_i = (R_i - mean_G(R)) / (std_G(R) + eps), unbiased std                          (Eq. 2.1)
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+    """Group-relative, std-normalised advantages. rewards (N,) grouped contiguously, N = prompts * G.
+
+    A group whose rewards are all equal gets A = 0 (nothing to learn from it).
+    >>> group_advantages(torch.tensor([1., 0., 0., 0., 1., 1., 1., 1.]), group_size=4).round(decimals=4)
+    tensor([ 1.5000, -0.5000, -0.5000, -0.5000,  0.0000,  0.0000,  0.0000,  0.0000])
+    """
+    if group_size < 2:
+        raise ValueError("group_size must be >= 2: the std of a single reward is undefined")
+    check_whole_groups(rewards.shape[0], group_size)
+    r = rewards.float().view(-1, group_size)  # (B, G)
+    A = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + eps)  # (B, G), torch.std is unbiased
+    return A.view(-1)  # (N,)
+
+
+# Each token's share of the loss of one update, w_{i,t}, with sum over i, t of w_{i,t} = 1:
+#   group       w_{i,t} = mask_{i,t} / (B * sum_{j in group(i)} |y_j|)   (Eq. 3.4; B prompts, all G answers
+#               of the group counted, gated or not)
+#   token-mean  w_{i,t} = mask_{i,t} / sum_{j,s} mask_{j,s}             (the authors' released code)
+# 'group' gives each prompt the same weight and, inside a group, each token; 'token-mean' gives every
+# token of the update the same weight, so a prompt with long answers weighs more. (The released code
+# takes the mean over each micro-batch and weighs micro-batches by their answer count, which equals
+# this when an update is one micro-batch; the mean over the whole update lets --micro-batch change
+# memory only.) Either way the weights sum to 1 over the update, so sum(w * per_token_loss) splits
+# over micro-batches of any size without changing the result.
+def token_weights(mask: Tensor, group_size: int, agg: str = "group") -> Tensor:
+    """Each token's weight: mask (N, L) of one update, N = prompts x G grouped contiguously -> (N, L).
+
+    >>> token_weights(torch.tensor([[1, 1, 0], [1, 0, 0]]), group_size=2)
+    tensor([[0.3333, 0.3333, 0.0000],
+            [0.3333, 0.0000, 0.0000]])
+    """
+    m = mask.float()
+    if agg == "token-mean":
+        return m / m.sum()  # (N, L)
+    if agg != "group":
+        raise ValueError(f"unknown loss aggregation {agg!r}; use group or token-mean")
+    check_whole_groups(m.shape[0], group_size)
+    tokens_per_group = m.view(-1, group_size, m.shape[1]).sum(dim=(1, 2))  # (B,)
+    per_sequence = tokens_per_group.repeat_interleave(group_size)[:, None]  # (N, 1)
+    return m / per_sequence / tokens_per_group.shape[0]  # (N, L)
+
+
+# KL(p || SG[q]) = sum_{a in V} p(a) (log p(a) - log q(a))                          (Eq. 3.2, 3.4)
+def full_vocab_reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Exact reverse KL over the whole vocabulary, teacher detached: (..., V), (..., V) -> (...).
+
+    Reverse = student first, p = softmax(student_logits); the teacher is detached, so only p gets a
+    gradient. Beware F.kl_div(input, target), which computes KL(target || input): the other direction.
+    Computed in float32 whatever the input dtype.
+    >>> s, t = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    >>> round(full_vocab_reverse_kl(s, t).item(), 4)  # p = (.881, .119), q = (.119, .881)
+    1.5232
+    """
+    logp = F.log_softmax(student_logits.float(), dim=-1)  # (..., V)
+    logq = F.log_softmax(teacher_logits.detach().float(), dim=-1)  # (..., V)
+    return (logp.exp() * (logp - logq)).sum(dim=-1)  # (...)
+
+
+# Two cheaper stand-ins for the exact KL, as other trainers use them; --distill-estimator picks one. Each is
+# pure on tensors like full_vocab_reverse_kl, and each is 0 with zero gradient when q = p.
+#
+# Top-K with a tail bucket (SDPO, arXiv 2601.20802, in TRL as SDPOTrainer): S = the student's K likeliest tokens
+# (chosen without gradient), and one more outcome, "any other token", holding the rest of each distribution's
+# mass, so that the KL is still one between two proper distributions over K + 1 outcomes:
+#   KL_K(p || SG[q]) = sum_{a in S} p(a) (log p(a) - log q(a)) + p(~S) (log p(~S) - log q(~S))
+# With K = V there is no tail and it is the exact KL; with K < V it is a lower bound (merging outcomes never
+# raises a KL).
+def topk_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, k: int) -> Tensor:
+    """Reverse KL over the student's top-k tokens plus a tail bucket, teacher detached: (..., V), (..., V) -> (...).
+    >>> s, t = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]])
+    >>> round(topk_reverse_kl(s, t, 3).item(), 4) == round(full_vocab_reverse_kl(s, t).item(), 4)
+    True
+    """
+    logp = F.log_softmax(student_logits.float(), dim=-1)  # (..., V)
+    logq = F.log_softmax(teacher_logits.detach().float(), dim=-1)  # (..., V)
+    if k >= logp.shape[-1]:
+        return (logp.exp() * (logp - logq)).sum(dim=-1)  # (...) no tail left: the full sum
+    top = logp.detach().topk(k, dim=-1).indices  # (..., K) the student's likeliest tokens
+    in_top = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, top, True)  # (..., V)
+    lp_top, lq_top = logp.gather(-1, top), logq.gather(-1, top)  # (..., K)
+    # log of each tail mass as a logsumexp over the columns outside S: exact and finite (S leaves one out at least)
+    lp_tail = logp.masked_fill(in_top, float("-inf")).logsumexp(dim=-1)  # (...)
+    lq_tail = logq.masked_fill(in_top, float("-inf")).logsumexp(dim=-1)  # (...)
+    return (lp_top.exp() * (lp_top - lq_top)).sum(dim=-1) + lp_tail.exp() * (lp_tail - lq_tail)  # (...)
+
+
+# The sampled token alone (on-policy distillation's usual estimate): y_t was drawn from p_t, so
+#   r_t = log p_t(y_t) - log q_t(y_t)   has  E_{y~p}[r_t] = KL(p_t || q_t),
+# and since E_{y~p}[grad log p(y)] = 0, the gradient of the KL is E_{y~p}[r_t grad log p_t(y_t)]: a per-token
+# penalty r_t with the REINFORCE gradient SG[r_t] grad log p_t(y_t). Both are unbiased, with the variance of
+# one draw per position. Only the sampled column of the teacher is needed.
+def sampled_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> Tensor:
+    """r_t = log p_t(y_t) - log q_t(y_t) for the sampled tokens, with the gradient SG[r_t] grad log p_t(y_t):
+    (..., V), (..., V), (...) -> (...)."""
+    logp = F.log_softmax(student_logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # (...)
+    logq = F.log_softmax(teacher_logits.detach().float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    r = (logp - logq).detach()  # (...)
+    return r + r * (logp - logp.detach())  # value r, gradient r * grad log p
+
+
+def distill_kl(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, estimator: str, k: int) -> Tensor:
+    """The per-token distillation term that --distill-estimator names: (..., V), (..., V), (...) -> (...)."""
+    if estimator == "full":
+        return full_vocab_reverse_kl(student_logits, teacher_logits)
+    if estimator == "topk":
+        return topk_reverse_kl(student_logits, teacher_logits, k)
+    return sampled_reverse_kl(student_logits, teacher_logits, targets)
+
+
+# Per sampled token, log w = log p_t(y_t) - log pi_ref(y_t)              (Section 3.4, Appendix A.2)
+# UKL is the KL between unnormalised distributions; k2 and k3 are the names of Schulman's per-sample
+# KL estimators (k3 = exp(-log w) - 1 + log w, the kl_ref metric).
+#   urkl  0.5 (log w)^2           gradient  log w            UKL(pi_theta, pi_ref), "k2"
+#   ufkl  exp(-log w) + log w     gradient  1 - exp(-log w)  UKL(pi_ref, pi_theta), "k3" + 1
+#   fkl   exp(-log w)             gradient  -exp(-log w)     normalised forward KL
+#   rkl   0.5 (log w + 1)^2       gradient  log w + 1        normalised reverse KL
+# (gradient = d f / d log p_t(y_t), which then multiplies grad log p_t(y_t))
+def reference_kl(logp: Tensor, ref_logp: Tensor, mode: str) -> Tensor:
+    """Per-token reference-KL surrogate f(log w); any shape, ref_logp is treated as a constant.
+
+    >>> reference_kl(torch.tensor([-1.0]), torch.tensor([-2.0]), "urkl")
+    tensor([0.5000])
+    """
+    log_w = logp - ref_logp.detach()
+    if mode == "urkl":
+        return 0.5 * log_w**2
+    if mode == "ufkl":
+        return torch.exp(-log_w) + log_w
+    if mode == "fkl":
+        return torch.exp(-log_w)
+    if mode == "rkl":
+        return 0.5 * (log_w + 1) ** 2
+    raise ValueError(f"unknown kl mode {mode!r}; use urkl, ufkl, fkl or rkl")
+
+
+# Outcome term, per token. On-policy (Section 3.2): -SG[A] * log p_t(y_t). With several updates per
+# batch (Appendix A.3), rho = p_theta / p_rollout and the PPO clip with DAPO's dual clip:
+#   A >= 0: max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high));  A < 0: min(that, -A c)
+def policy_loss(logp: Tensor, old_logp: Tensor, A: Tensor, eps_low: float, eps_high: float, c: float) -> Tensor:
+    """logp, old_logp (n, L); A (n, 1) -> (n, L).
+
+    When logp == old_logp (one update per batch), rho = 1, nothing is clipped, and the gradient is
+    exactly -A * grad log p: plain REINFORCE with the group advantage.
+    """
+    rho = torch.exp(logp - old_logp.detach())  # (n, L)
+    pg = torch.maximum(-A * rho, -A * rho.clamp(1 - eps_low, 1 + eps_high))  # (n, L)
+    return torch.where(A < 0, torch.minimum(pg, -A * c), pg)  # (n, L)
+
+
+# Per token: policy_loss(rho, A) + beta(k) * m_i * SG[rho] * KL_t + alpha * SG[rho] * f(log w_t), weighted and
+# summed (Eq. 3.1). rho = p_theta(y_t) / p_rollout(y_t) is 1 with one update per batch; with several, the
+# distillation and the anchor are reweighted by SG[rho] like the outcome term (Appendix A.3).
+def sdpg_loss(logp: Tensor, old_logp: Tensor, kl_distill: Tensor | None, ref_logp: Tensor | None,
+              advantages: Tensor, weights: Tensor, beta_k: float, alpha: float, kl_mode: str,
+              clip_low: float = 0.2, clip_high: float = 0.28, clip_c: float = 10.0, gate: bool = True) -> Tensor:
+    # (the clip defaults are the released script's, as in Args; they act only when old_logp != logp)
+    """L_SDPG = L_out + beta(k) L_OPD+ + alpha L_K (Eq. 3.1) for a slice of the batch.
+
+    logp, old_logp, kl_distill, ref_logp, weights: (n, L); advantages: (n,). kl_distill None means
+    beta = 0 (no teacher), ref_logp None means alpha = 0 (no reference). gate=False distils every
+    answer (m_i = 1), as the authors' released script does.
+    """
+    A = advantages[:, None].detach()  # (n, 1), SG[A]
+    per_token = policy_loss(logp, old_logp, A, clip_low, clip_high, clip_c)  # (n, L)
+    rho = torch.exp(logp - old_logp).detach()  # (n, L), 1 when on-policy
+    if kl_distill is not None:
+        m = (A > 0).float() if gate else torch.ones_like(A)  # (n, 1), the gate m_i = 1[A_i > 0]  (Eq. 3.5)
+        per_token = per_token + beta_k * m * rho * kl_distill
+    if ref_logp is not None:
+        per_token = per_token + alpha * rho * reference_kl(logp, ref_logp, kl_mode)
+    return (weights * per_token).sum()
+
+
+# beta(k) = beta_base * min(1, k / T_warm) * min(1, (T - k) / T_decay)          (Section 3.5.2)
+def beta_schedule(step: int, total_steps: int, beta: float, warmup_steps: int, decay_steps: int) -> float:
+    """Weight of the distillation term at training step k = step (1-based); a window of 0 is off.
+
+    With the paper's windows (50 up, 350 down, of 400) beta_base is reached at k = 50 only:
+    >>> [round(beta_schedule(k, 400, 1e-3, 50, 350), 6) for k in (1, 25, 50, 51, 200, 400)]
+    [2e-05, 0.0005, 0.001, 0.000997, 0.000571, 0.0]
+    """
+    warm = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+    decay = min(1.0, (total_steps - step) / decay_steps) if decay_steps > 0 else 1.0
+    return beta * max(0.0, warm) * max(0.0, decay)
+
+
+# DAPO's overlong penalty (Yu et al., 2025) on an answer of |y| tokens, with L = --max-new-tokens
+# and a buffer of B tokens:  0 for |y| <= L - B,  (L - B - |y|) / B for L - B < |y| <= L (-1 at L).
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int) -> Tensor:
+    """lengths (N,) in tokens -> (N,) penalties in [-1, 0]; a buffer of 0 switches it off.
+
+    >>> overlong_penalty(torch.tensor([6, 7, 8, 10]), max_len=10, buffer=4)
+    tensor([ 0.0000, -0.2500, -0.5000, -1.0000])
+    """
+    if buffer <= 0:
+        return torch.zeros(lengths.shape, device=lengths.device)
+    return ((max_len - buffer - lengths) / buffer).clamp(max=0.0)  # (N,)
+
+
+# R_i = 1 if the verifier accepts y_i, else r_wrong; plus the overlong penalty.
+# An affine change of every reward, R -> a R + b with a > 0, leaves the std-normalised advantage of
+# Eq. 2.1 as it was (up to the 1e-6 in its denominator), so the released script's -1 for a wrong
+# answer changes nothing alone: it only sets how much a penalty of up to -1 weighs next to the gap
+# between a right and a wrong answer (1 with r_wrong = 0, 2 with r_wrong = -1).
+def shaped_reward(correct: Tensor, lengths: Tensor, wrong_reward: float, max_len: int, buffer: int) -> Tensor:
+    """correct (N,) 1.0 or 0.0 from the verifier, lengths (N,) answer tokens -> (N,) rewards.
+
+    >>> shaped_reward(torch.tensor([1., 0., 1.]), torch.tensor([5, 9, 10]), -1.0, max_len=10, buffer=4)
+    tensor([ 1.0000, -1.7500,  0.0000])
+    """
+    reward = torch.where(correct > 0, 1.0, wrong_reward).to(correct.device)  # (N,)
+    return reward + overlong_penalty(lengths, max_len, buffer)  # (N,)
+
+
+# The verifier, a (completion, gold) -> 1.0 or 0.0 function: ours, or Hugging Face's Math-Verify (an
+# optional package, imported only when asked for). Math-Verify reads LaTeX only inside maths delimiters,
+# hence the gold in $...$, and bounds each parse and each comparison with a SIGALRM timeout, which works in
+# the main thread only (where sdpg.py scores).
+MATH_VERIFY_TIMEOUT_S = 2
+
+
+def reward_function(verifier: str):
+    """--verifier's name -> its (completion, gold) -> reward function."""
+    if verifier == "ours":
+        return math_reward
+    try:
+        import math_verify
+    except ImportError:
+        raise SystemExit("error: --verifier math-verify needs the math-verify package: "
+                         "pip install math-verify") from None
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its timeout warnings repeat the whole answer
+
+    def math_verify_reward(completion: str, gold: str) -> float:
+        if not isinstance(completion, str) or not isinstance(gold, str):
+            return 0.0
+        gold_parsed = math_verify.parse(f"${gold}$", parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+        answer = math_verify.parse(completion, parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+        return float(math_verify.verify(gold_parsed, answer, timeout_seconds=MATH_VERIFY_TIMEOUT_S))  # gold first
+
+    return math_verify_reward
+
+
+# -----------------------------------------------------------------------------
+# Scoring. The logits at response positions come from three views of the same answer ids:
+#   student   pi_theta(. | x, y_<t)     with gradients
+#   teacher   pi_theta(. | c, x, y_<t)  same weights, privileged prompt, no gradients (stop-grad)
+#   reference pi_ref(. | x, y_<t)       frozen initial weights, no gradients
+# We stop at the final hidden states (N, L, H) and turn them into logits a chunk of tokens at a
+# time: (tokens, V) float32 logits at V = 151,936 are the memory wall of full-vocabulary methods.
+
+
+def response_hidden_states(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+                           response_ids: Tensor, response_mask: Tensor) -> Tensor:
+    """Final hidden states that predict each response token: (N, P), (N, L) -> (N, L, H).
+
+    The input is prompt ids + the SAMPLED response ids, never re-tokenised text, so the teacher
+    scores exactly the tokens the student produced.
+    """
+    ids = torch.cat([prompt_ids, response_ids], dim=1)  # (N, P + L)
+    attn = torch.cat([prompt_mask, response_mask], dim=1)  # (N, P + L)
+    # Left padding: position ids count real tokens only, so a padded prompt sees the same positions
+    # as the same prompt alone.
+    position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)  # (N, P + L)
+    h = model.base_model(input_ids=ids, attention_mask=attn, position_ids=position_ids,
+                         use_cache=False).last_hidden_state  # (N, P + L, H)
+    P = prompt_ids.shape[1]
+    return h[:, P - 1:-1]  # (N, L, H): the state at position t predicts token t + 1
+
+
+class ChunkTerms(NamedTuple):
+    """Per-token terms of M response tokens, each (M,)."""
+    logp: Tensor  # log p_t(y_t), with grad
+    kl: Tensor  # the distillation term whose gradient trains (the exact KL with estimator 'full'); 0 without teacher
+    kl_exact: Tensor  # the exact KL(p_t || q_t), no grad: the logged kl_distill, whatever the estimator
+    entropy: Tensor  # H(p_t), no grad, a metric
+
+
+def _chunk_terms(h_student: Tensor, h_teacher: Tensor | None, targets: Tensor, lm_head: nn.Module,
+                 teacher_head: nn.Module, temperature: float, estimator: str, k: int) -> tuple[Tensor, ...]:
+    """One chunk of chunked_token_terms: the hidden states (C, H) of its C tokens -> the four (C,) ChunkTerms."""
+    logits = lm_head(h_student).float() / temperature  # (C, V), the only place (C, V) logits live
+    lse = torch.logsumexp(logits, dim=-1)  # (C,)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (C,) log p_t(y_t)
+    with torch.no_grad():  # a metric only: no autograd buffers for it
+        entropy = lse - (logits.softmax(dim=-1) * logits).sum(-1)  # (C,) H(p_t)
+    if h_teacher is None:
+        return logp, torch.zeros_like(logp), torch.zeros_like(entropy), entropy
+    with torch.no_grad():  # the teacher is a stop-gradient target: no graph for its (C, V) logits
+        teacher_logits = teacher_head(h_teacher).float() / temperature  # (C, V)
+    kl = distill_kl(logits, teacher_logits, targets, estimator, k)  # (C,)
+    if estimator == "full":
+        return logp, kl, kl.detach(), entropy
+    with torch.no_grad():  # the exact KL as the metric: one more pass over the (C, V) logits, no graph
+        kl_exact = full_vocab_reverse_kl(logits, teacher_logits)  # (C,)
+    return logp, kl, kl_exact, entropy
+
+
+def chunked_token_terms(h_student: Tensor, h_teacher: Tensor | None, targets: Tensor, lm_head: nn.Module,
+                        temperature: float, chunk_size: int, teacher_head: nn.Module | None = None,
+                        estimator: str = "full", k: int = 64) -> ChunkTerms:
+    """Per-token log p_t(y_t), the distillation term, the exact KL(p_t || q_t) and the entropy of p_t, computed
+    chunk by chunk.
+
+    h_student (M, H) with grad, h_teacher (M, H) or None, targets (M,) -> four (M,) tensors. M counts
+    real response tokens only (padding was dropped before). teacher_head turns the teacher's hidden
+    states into logits [default: lm_head, the policy's own, as in SDPG]. With gradients on, each
+    chunk is wrapped in torch.utils.checkpoint: the forward keeps only the (C, H) inputs and the
+    backward recomputes the chunk's (C, V) logits, so peak memory is about chunk_size x V x 4 bytes
+    x a few, instead of M x V x 4 bytes x a few. The result equals the unchunked computation.
+    """
+    teacher_head = lm_head if teacher_head is None else teacher_head
+    outs = []
+    for i in range(0, targets.shape[0], chunk_size):
+        hs, y = h_student[i:i + chunk_size], targets[i:i + chunk_size]  # (C, H), (C,)
+        ht = None if h_teacher is None else h_teacher[i:i + chunk_size].detach()  # (C, H)
+        terms = (hs, ht, y, lm_head, teacher_head, temperature, estimator, k)
+        if torch.is_grad_enabled() and hs.requires_grad:
+            outs.append(checkpoint(_chunk_terms, *terms, use_reentrant=False))
+        else:
+            outs.append(_chunk_terms(*terms))
+    return ChunkTerms(*(torch.cat(parts) for parts in zip(*outs)))  # each (M,)
+
+
+def scatter_tokens(values: Tensor, mask: Tensor) -> Tensor:
+    """(M,) values of the real tokens -> (N, L) with zeros at padding (keeps gradients)."""
+    out = values.new_zeros(mask.shape)  # (N, L)
+    out[mask.bool()] = values
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+# Decoding is nearly all of an SDPG step's time: 512 new tokens are 512 forward passes one after
+# the other, each reading every weight once. transformers' generate() runs each pass as about a
+# thousand small kernel launches and then waits on the host to ask whether every row has stopped,
+# so on a GPU the host, not the hardware, sets its pace. The loop below keeps everything one step
+# touches in tensors of a fixed shape, allocated once per batch shape: a key/value cache with a
+# column for every position of prompt + answer, the token ids, the positions and the stop flags.
+# A step is then the same kernels on the same memory every time, which CUDA records once as a graph
+# and replays with a single launch per token. The loop calls the model's own embeddings, norms,
+# projections, MLPs and rotary embedding; only attention over the cache is written out here (the
+# cache classes of transformers change their API from one release to the next).
+
+FAST_DECODING_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # decoder layers made of exactly those parts
+
+
+def fast_decoding_unsupported(model: nn.Module) -> str | None:
+    """Why decode_step cannot serve this model, or None when it can."""
+    config = model.config
+    if config.model_type not in FAST_DECODING_MODEL_TYPES:
+        return f"model type '{config.model_type}' (the loop serves {', '.join(FAST_DECODING_MODEL_TYPES)})"
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    if sliding or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return "sliding-window attention"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if rope_type in ("dynamic", "longrope"):  # these rescale RoPE from the sequence length, on the host
+        return f"RoPE type '{rope_type}'"
+    return None
+
+
+@dataclass
+class DecodeState:
+    """Every tensor a decoding step reads or writes, for one batch shape. Allocated once and updated
+    in place: a CUDA graph replays the same memory addresses."""
+    keys: Tensor  # (layers, N, H_kv, C, D) the KV cache: a column per position of prompt + answer
+    values: Tensor  # (layers, N, H_kv, C, D)
+    ids: Tensor  # (N, C) the left-padded prompt ids, then the sampled ids
+    visible: Tensor  # (N, C) bool: the column holds a real token (not padding, not yet written)
+    position: Tensor  # (N,) RoPE position of the token in `column`: the number of real tokens before it
+    column: Tensor  # (1,) the column of the newest token, the input of the next step
+    done: Tensor  # (N,) bool: the row has sampled a stop token
+    stop_ids: Tensor  # (S,)
+    pad_id: int
+    graphs: dict = field(default_factory=dict)  # temperature -> torch.cuda.CUDAGraph of decode_step
+
+
+def new_decode_state(model: nn.Module, n: int, columns: int, stop_ids: list[int], pad_id: int) -> DecodeState:
+    """Zeroed state for n rows and a cache of `columns` positions, on the model's device and in its dtype."""
+    p, config = next(model.parameters()), model.config
+    head_dim = model.base_model.layers[0].self_attn.head_dim
+    cache_shape = (config.num_hidden_layers, n, config.num_key_value_heads, columns, head_dim)
+
+    def zeros(*shape, dtype=torch.long):
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+    return DecodeState(keys=zeros(*cache_shape, dtype=p.dtype), values=zeros(*cache_shape, dtype=p.dtype),
+                       ids=zeros(n, columns), visible=zeros(n, columns, dtype=torch.bool), position=zeros(n),
+                       column=zeros(1), done=zeros(n, dtype=torch.bool),
+                       stop_ids=torch.tensor(stop_ids, device=p.device), pad_id=pad_id)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding in the half-split layout of Hugging Face checkpoints.
+    x (N, heads, T, D), cos and sin (N, T, D) from the model's own rotary_emb -> (N, heads, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+# Grouped-query attention: Qwen2.5-0.5B's 14 query heads share 2 key/value heads, 7 to a group.
+# Decoding reads the whole cache at every token, so each key/value head is read once for its group
+# (the group's query heads become rows of one matmul) instead of being copied once per query head,
+# which is what transformers' sdpa path does whenever there is a padding mask: 7x the cache traffic.
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """q (N, H_q, T, D); k, v (N, H_kv, S, D); allowed (N, 1, T, S) bool -> (N, H_q, T, D).
+    Query head h attends with key/value head h // (H_q / H_kv), as in transformers."""
+    N, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    q = q.reshape(N, Hkv, Hq // Hkv * T, D)  # (N, H_kv, group x T, D)
+    scores = (q @ k.transpose(2, 3)).view(N, Hq, T, S) * scale  # (N, H_q, T, S)
+    probs = scores.masked_fill(~allowed, float("-inf")).float().softmax(dim=-1).to(v.dtype)  # (N, H_q, T, S)
+    return (probs.view(N, Hkv, Hq // Hkv * T, S) @ v).view(N, Hq, T, D)
+
+
+def cached_attention(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
+                     columns: Tensor, allowed: Tensor) -> Tensor:
+    """One attention block of the model for new tokens x (N, T, H) that sit in cache `columns` (T,).
+
+    Writes their keys and values into keys, values (N, H_kv, C, D), then attends over the first S
+    cache columns as allowed (N, T, S) says. Returns the block's output (N, T, H).
+    """
+    N, T, _ = x.shape
+    D = attn.head_dim
+    q = attn.q_proj(x).view(N, T, -1, D)  # (N, T, H_q, D)
+    k = attn.k_proj(x).view(N, T, -1, D)  # (N, T, H_kv, D)
+    v = attn.v_proj(x).view(N, T, -1, D).transpose(1, 2)  # (N, H_kv, T, D)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises every query and key head before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)  # (N, H_q or H_kv, T, D)
+    keys.index_copy_(2, columns, k)
+    values.index_copy_(2, columns, v)
+    S = allowed.shape[-1]
+    k_seen, v_seen = keys[:, :, :S], values[:, :, :S]  # (N, H_kv, S, D)
+    if T == 1:  # a decoding step: bandwidth-bound, read each key/value head once
+        out = grouped_attention(q, k_seen, v_seen, allowed[:, None], attn.scaling)  # (N, H_q, 1, D)
+    else:  # the prompt, once per call: torch's fused kernel, which never holds a (T, S) score matrix per head
+        group = q.shape[1] // k_seen.shape[1]
+        out = F.scaled_dot_product_attention(q, k_seen.repeat_interleave(group, dim=1),
+                                             v_seen.repeat_interleave(group, dim=1), attn_mask=allowed[:, None],
+                                             scale=attn.scaling)  # (N, H_q, T, D)
+    return attn.o_proj(out.transpose(1, 2).reshape(N, T, -1))
+
+
+def run_layers(model: nn.Module, ids: Tensor, positions: Tensor, state: DecodeState, columns: Tensor,
+               allowed: Tensor) -> Tensor:
+    """The model's transformer on new tokens: ids, positions (N, T) that go into cache `columns` (T,)
+    -> final hidden states (N, T, H)."""
+    base = model.base_model
+    x = model.get_input_embeddings()(ids)  # (N, T, H)
+    cos, sin = base.rotary_emb(x, positions)  # (N, T, D) each
+    for i, layer in enumerate(base.layers):
+        x = x + cached_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, state.keys[i],
+                                 state.values[i], columns, allowed)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return base.norm(x)
+
+
+# Sampling inside the step, with no host sync (the Gumbel-max trick): with u ~ U(0, 1) drawn
+# independently for every vocabulary entry, argmax(logits / T - log(-log u)) is an exact draw from
+# softmax(logits / T). Temperature 0 is greedy decoding.
+def sample_next(logits: Tensor, temperature: float) -> Tensor:
+    """(N, V) logits -> (N,) token ids."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    u = torch.rand(logits.shape, device=logits.device).clamp_(min=torch.finfo(torch.float32).tiny)  # (N, V)
+    return (logits.float() / temperature - torch.log(-torch.log(u))).argmax(dim=-1)
+
+
+def prefill(model: nn.Module, state: DecodeState, prompt_ids: Tensor, prompt_mask: Tensor, temperature: float) -> None:
+    """Runs the left-padded prompts (N, P) through the model into cache columns [0, P) and samples
+    each row's first answer token into column P."""
+    P = prompt_ids.shape[1]
+    real = prompt_mask.bool()  # (N, P)
+    state.ids[:, :P] = prompt_ids
+    state.visible.zero_()
+    state.visible[:, :P] = real
+    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # (N, P), as in response_hidden_states
+    causal = torch.ones(P, P, dtype=torch.bool, device=real.device).tril()  # (P, P)
+    # A token attends to the real tokens up to itself. A padding position attends to itself alone:
+    # some attention kernels return NaN for a row with nothing allowed, and NaN values in the cache
+    # would poison every later step even where they are masked (0 x NaN is NaN).
+    allowed = causal & real[:, None, :] | torch.eye(P, dtype=torch.bool, device=real.device)  # (N, P, P)
+    h = run_layers(model, prompt_ids, positions, state, torch.arange(P, device=real.device), allowed)  # (N, P, H)
+    first = sample_next(model.get_output_embeddings()(h[:, -1]), temperature)  # (N,)
+    state.ids[:, P] = first
+    state.done.copy_((first[:, None] == state.stop_ids).any(dim=1))
+    state.position.copy_(prompt_mask.sum(dim=1))
+    state.column.fill_(P)
+
+
+def decode_step(model: nn.Module, state: DecodeState, temperature: float) -> None:
+    """Feeds the token in `column` to the model and samples the next one into `column` + 1.
+
+    Fixed shapes, in place, and no .item(), .tolist() or Python branch on a tensor's value: CUDA can
+    record it as a graph. A row that has stopped keeps running (fixed shapes) but only appends padding.
+    """
+    token = state.ids.index_select(1, state.column)  # (N, 1)
+    state.visible.index_fill_(1, state.column, True)
+    h = run_layers(model, token, state.position[:, None], state, state.column, state.visible[:, None, :])  # (N, 1, H)
+    next_ids = sample_next(model.get_output_embeddings()(h[:, 0]), temperature)  # (N,)
+    next_ids = torch.where(state.done, state.pad_id, next_ids)  # (N,)
+    state.done |= (next_ids[:, None] == state.stop_ids).any(dim=1)
+    state.ids.index_copy_(1, state.column + 1, next_ids[:, None])
+    state.position += 1
+    state.column += 1
+
+
+# One DecodeState per model, batch size and stop ids, kept beside the model (weakly: it goes when
+# the model goes), so a training run allocates its cache and records its graph once, not every step.
+# Training and greedy evaluation with the same batch size share one cache, each with its own graph.
+_DECODE_STATES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def decode_state_for(model: nn.Module, n: int, columns: int, temperature: float, stop_ids: list[int],
+                     pad_id: int) -> DecodeState:
+    """The state for n rows with room for `columns` positions (a new, larger one if it has too few),
+    with a CUDA graph of decode_step at this temperature on CUDA."""
+    states = _DECODE_STATES.setdefault(model, {})
+    key = (n, tuple(stop_ids), pad_id)
+    state = states.get(key)
+    if state is None or state.ids.shape[1] < columns:
+        states.pop(key, None)  # free the old cache first
+        # Rounded up, so that a batch with slightly longer prompts still fits and needs no new graph.
+        state = states[key] = new_decode_state(model, n, 64 * math.ceil(columns / 64), stop_ids, pad_id)
+    if state.keys.is_cuda and temperature not in state.graphs:
+        try:
+            state.graphs[temperature] = capture_decode_step(model, state, temperature)  # the section's last function
+        except RuntimeError as e:  # a model whose layers sync with the host cannot be recorded
+            notice_once(f"decoding without a CUDA graph (slower): recording the step failed: {first_line(e)}")
+            state.graphs[temperature] = None
+    return state
+
+
+_NOTICES: set[str] = set()
+
+
+def notice_once(message: str) -> None:
+    """Prints a message the first time it comes up in this process."""
+    if message not in _NOTICES:
+        _NOTICES.add(message)
+        print(message)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int,
+             temperature: float, top_p: float, stop_ids: list[int], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Samples one answer per row, all rows in ONE batched decoding loop (temperature 0 = greedy).
+
+    prompt_ids, prompt_mask: (N, P) left-padded. Returns response ids and mask, both (N, L), where L
+    is the longest answer (at most max_new_tokens); after its stop token a row holds pad_id.
+    """
+    # Nucleus sampling needs a sort of the vocabulary at every token, and its answers are only
+    # approximately on-policy anyway; models with other layer types need transformers' own code.
+    unsupported = "--top-p below 1" if top_p < 1 else fast_decoding_unsupported(model)
+    if unsupported:
+        notice_once(f"sampling with transformers' generate() (slower): {unsupported}")
+        return hf_generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, stop_ids, pad_id)
+    N, P = prompt_ids.shape
+    # No autocast: the loop computes in the sampler's own dtype (bf16 on CUDA, see make_sampler). An
+    # autocast that re-casts float32 weights at every token would cost bandwidth, and its cache of
+    # cast weights does not mix with CUDA graphs.
+    with torch.autocast(prompt_ids.device.type, enabled=False):
+        state = decode_state_for(model, N, P + max_new_tokens, temperature, stop_ids, pad_id)
+        graph = state.graphs.get(temperature)
+        prefill(model, state, prompt_ids, prompt_mask, temperature)  # samples the first token
+        new_tokens = 1
+        while new_tokens < max_new_tokens:
+            if graph is not None:
+                graph.replay()
+            else:
+                decode_step(model, state, temperature)
+            new_tokens += 1
+            if new_tokens % 32 == 0 and state.done.all():  # the only host sync, once every 32 tokens
+                break
+    response_ids = state.ids[:, P:P + new_tokens].clone()  # (N, L)
+    response_mask = response_mask_from_stops(response_ids, stop_ids)  # (N, L)
+    longest = int(response_mask.sum(dim=1).max())
+    return response_ids[:, :longest], response_mask[:, :longest]
+
+
+def response_mask_from_stops(response_ids: Tensor, stop_ids: list[int]) -> Tensor:
+    """(N, L) sampled ids -> (N, L) mask: 1 up to AND including the first stop token, 0 after.
+
+    The mask comes from the stop tokens, never from pad_token_id: pad often equals EOS, and then a
+    real EOS would be masked out and the model never learns to stop.
+    >>> response_mask_from_stops(torch.tensor([[5, 2, 9, 2], [7, 7, 7, 7]]), stop_ids=[2])
+    tensor([[1, 1, 0, 0],
+            [1, 1, 1, 1]])
+    """
+    is_stop = torch.isin(response_ids, torch.tensor(stop_ids, device=response_ids.device)).long()  # (N, L)
+    stops_before = is_stop.cumsum(dim=1) - is_stop  # (N, L) stop tokens strictly before t
+    return (stops_before == 0).long()
+
+
+def decode_responses(tokenizer, response_ids: Tensor, response_mask: Tensor) -> list[str]:
+    """(N, L) ids and mask -> N strings, each decoded from its own tokens only.
+
+    Never decode `ids * mask`: the zeros become token 0, which in Qwen's vocabulary is "!" and would
+    turn "#### 18" into "#### 18!!!!" and a right answer into reward 0.
+    """
+    return [tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
+            for ids, m in zip(response_ids, response_mask)]
+
+
+@torch.no_grad()
+def hf_generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int,
+                temperature: float, top_p: float, stop_ids: list[int], pad_id: int) -> tuple[Tensor, Tensor]:
+    """generate() through transformers' model.generate: every model, top-p, and host-bound speed.
+    It derives position ids from the attention mask, so left padding shifts nothing. The answers come from
+    softmax(logits / temperature) (cut to the top-p nucleus) and nothing else, whoever calls this: no setting
+    is taken from model.generation_config (a Hub model's may hold a repetition penalty, top_k, min_p...,
+    which would draw the answers from another distribution than p_t). top_k=0 because transformers would
+    otherwise keep only the 50 likeliest tokens."""
+    from transformers import GenerationConfig
+
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+        dict(do_sample=False)
+    # use_cache=True: with gradient checkpointing switched on, some transformers versions would
+    # otherwise drop the KV cache and recompute the whole sequence at every new token.
+    plain = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
+                             use_cache=True, **sampling)
+    # Passing `plain` alone is not enough: transformers (5.x) fills every setting that a passed config leaves
+    # unset (None: repetition_penalty, min_p, no_repeat_ngram_size...) from model.generation_config, and only
+    # then from its neutral defaults. So for this one call the model's own config is `plain` too, and every
+    # setting not named above gets transformers' neutral default; the model's config is put back afterwards,
+    # also on an error, so a caller (or save_pretrained) finds it unchanged.
+    kept = model.generation_config
+    model.generation_config = plain
+    try:
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=plain)  # (N, P + L)
+    finally:
+        model.generation_config = kept
+    response_ids = out[:, prompt_ids.shape[1]:]  # (N, L)
+    return response_ids, response_mask_from_stops(response_ids, stop_ids)
+
+
+# The decoding loop computes in its model's dtype, and a decoding step is bound by reading the
+# weights: float32 weights read 4 bytes per parameter per token, bf16 ones 2 (what was measured:
+# benchmarks/results/performance.md). So on CUDA the answers come from a bf16 copy of the policy
+# whose weights are refreshed from the float32 master weights before each rollout, in place so that
+# the recorded CUDA graph reads them, for 2 bytes per parameter of extra memory. The copy is close
+# to, not bit-identical with, the autocast forward that scores the answers (autocast keeps norms and
+# the residual stream in float32): like every RL system with a separate inference engine, the
+# rollouts are on-policy up to bf16 rounding.
+def make_sampler(model: nn.Module, bf16: bool, whole_copy: bool = False) -> nn.Module:
+    """The model that generates: a frozen bf16 copy when computing in bf16, else the model itself (or, with
+    whole_copy=True, for --fsdp whose policy is sharded, a whole float32 copy)."""
+    return frozen_copy(model, torch.bfloat16 if bf16 else torch.float32) if bf16 or whole_copy else model
+
+
+@torch.no_grad()
+def refresh_sampler(sampler: nn.Module, model: nn.Module) -> None:
+    """Copies the current policy weights into the sampler (a no-op when they are one model)."""
+    if sampler is not model:
+        for dst, src in zip(sampler.parameters(), model.parameters()):
+            dst.copy_(whole(src))  # whole(): the tensor itself, or with --fsdp gathered from the ranks' shards
+
+
+def capture_decode_step(model: nn.Module, state: DecodeState, temperature: float) -> "torch.cuda.CUDAGraph":
+    """Records decode_step once as a CUDA graph: graph.replay() reruns all its kernels with one launch.
+
+    The graph reads and writes the memory it was recorded on: the state tensors, and the model's
+    weights. refresh_sampler copies the new policy INTO those weights (copy_), and an optimiser step
+    updates them in place, so every replay decodes with the current weights without a new capture.
+    (Assigning new tensors to the parameters, p.data = ..., would not be seen.) The warm-up steps run
+    outside the capture, as CUDA graphs require; they only scribble on the state, which prefill resets.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            decode_step(model, state, temperature)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_step(model, state, temperature)
+    return graph
+
+
+# -----------------------------------------------------------------------------
+# One training step: sample, score, update.
+
+
+@dataclass
+class Rollouts:
+    """One step's batch, N = prompts x G rows, grouped contiguously."""
+    prompt_ids: Tensor  # (N, P) student prompts, left-padded
+    prompt_mask: Tensor  # (N, P)
+    teacher_ids: Tensor  # (N, Pc) teacher prompts (with privileged context), left-padded
+    teacher_mask: Tensor  # (N, Pc)
+    response_ids: Tensor  # (N, L) sampled ids
+    response_mask: Tensor  # (N, L) 1 up to and including the first stop token
+    rewards: Tensor  # (N,)
+    advantages: Tensor  # (N,)
+
+
+def collect_rollouts(sampler, tokenizer, examples: list[dict], args: Args, instruction: str, stop_ids: list[int],
+                     compute: Compute, templates: tuple[str, str], reward=math_reward) -> Rollouts:
+    """Samples G answers for each example in one generate call and scores them with the verifier `reward`; the
+    teacher's prompts carry the privileged context that --teacher-context names (privileged_contexts)."""
+    G = args.group_size
+    student = [encode_prompt(tokenizer, prompt_texts(ex, instruction, templates)[0]) for ex in examples
+               for _ in range(G)]  # N lists, G copies each
+    prompt_ids, prompt_mask = left_pad(student, tokenizer.pad_token_id, compute.device)  # (N, P)
+    sampler.eval()
+    with autocast(compute):
+        response_ids, response_mask = generate(sampler, prompt_ids, prompt_mask, args.max_new_tokens,
+                                               args.temperature, args.top_p, stop_ids, tokenizer.pad_token_id)
+    completions = decode_responses(tokenizer, response_ids, response_mask)
+    golds = [ex["answer"] for ex in examples for _ in range(G)]
+    correct = torch.tensor([reward(c, g) for c, g in zip(completions, golds)], device=compute.device)  # (N,)
+    # The teacher's prompt: the student's, plus the privileged context c (by default a line with the gold answer
+    # and one with the worked solution: TEACHER_TEMPLATE, and privileged_contexts for --teacher-context, both in
+    # the Prompts section). It is built after the verifier, because the 'peer' context shows another right answer.
+    contexts = privileged_contexts(examples, args.teacher_context, G, completions, correct.bool().tolist())
+    teacher = [encode_prompt(tokenizer, t) for t in teacher_texts(examples, instruction, templates[1], contexts, G)]
+    teacher_ids, teacher_mask = left_pad(teacher, tokenizer.pad_token_id, compute.device)  # (N, Pc)
+    rewards = shaped_reward(correct, response_mask.sum(dim=1), args.wrong_reward, args.max_new_tokens,
+                            args.overlong_buffer)  # (N,)
+    return Rollouts(prompt_ids, prompt_mask, teacher_ids, teacher_mask, response_ids, response_mask,
+                    rewards, group_advantages(rewards, G))
+
+
+class TokenTerms(NamedTuple):
+    """Per-token (n, L) terms of some rows of the batch; zeros at padding."""
+    logp: Tensor  # log p_t(y_t), student, with grad when grad is enabled
+    kl_distill: Tensor | None  # the distillation term (--distill-estimator) against the privileged teacher, or None
+    ref_logp: Tensor | None  # log pi_ref(y_t); None without the KL anchor
+    entropy: Tensor  # H(p_t), a metric
+    kl_exact: Tensor | None  # the exact KL(p_t || q_t), a metric (= kl_distill with the 'full' estimator)
+
+
+def score(model, ref_model, rb: Rollouts, rows: slice, use_teacher: bool, args: Args,
+          compute: Compute, teacher_model: nn.Module | None = None) -> TokenTerms:
+    """Student (with grad if enabled), teacher and reference terms for rows of the batch. teacher_model is the
+    model that reads the privileged prompt [default: `model` itself, SDPG's teacher]; ref_model gives the KL anchor
+    when --alpha > 0."""
+    mask = rb.response_mask[rows]  # (n, L)
+    targets = rb.response_ids[rows][mask.bool()]  # (M,) real response tokens, flattened
+    lm_head = model.get_output_embeddings()
+    teacher_model = model if teacher_model is None else teacher_model
+    # whole_root does nothing in one process; with --fsdp it gathers the embeddings and the output layer,
+    # which scoring calls directly (section "More than one process").
+    with autocast(compute), whole_root(model), whole_root(ref_model):
+        h_teacher = None
+        if use_teacher:
+            with torch.no_grad():  # the teacher (by default the current model) is a stop-gradient target
+                h_teacher = response_hidden_states(teacher_model, rb.teacher_ids[rows], rb.teacher_mask[rows],
+                                                   rb.response_ids[rows], mask)[mask.bool()]  # (M, H)
+        ref_logp = None
+        if ref_model is not None and args.alpha > 0:
+            with torch.no_grad():
+                h_ref = response_hidden_states(ref_model, rb.prompt_ids[rows], rb.prompt_mask[rows],
+                                               rb.response_ids[rows], mask)[mask.bool()]  # (M, H)
+                ref_logp = chunked_token_terms(h_ref, None, targets, ref_model.get_output_embeddings(),
+                                               args.temperature, args.chunk_size).logp  # (M,)
+                ref_logp = scatter_tokens(ref_logp, mask)  # (n, L)
+        h_student = response_hidden_states(model, rb.prompt_ids[rows], rb.prompt_mask[rows],
+                                           rb.response_ids[rows], mask)[mask.bool()]  # (M, H)
+        logp, kl, kl_exact, entropy = chunked_token_terms(
+            h_student, h_teacher, targets, lm_head, args.temperature, args.chunk_size,
+            teacher_model.get_output_embeddings(), args.distill_estimator, args.distill_topk)  # (M,) each
+    kl_distill, kl_exact = (scatter_tokens(kl, mask), scatter_tokens(kl_exact, mask)) if use_teacher else (None, None)
+    return TokenTerms(scatter_tokens(logp, mask), kl_distill, ref_logp, scatter_tokens(entropy, mask), kl_exact)
+
+
+# --teacher ema: after each optimiser step the teacher's weights move a (1 - rate) part of the way to the policy's,
+#   theta_teacher <- rate * theta_teacher + (1 - rate) * theta
+def ema_update(teacher: nn.Module, model: nn.Module, rate: float) -> None:
+    """Moves every parameter of `teacher` to rate * itself + (1 - rate) * the same parameter of `model`, in place."""
+    with torch.no_grad():
+        for t, p in zip(teacher.parameters(), model.parameters()):
+            t.lerp_(p.to(t.dtype), 1 - rate)
+
+
+def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: float, args: Args,
+                  compute: Compute, teacher_model: nn.Module | None = None) -> dict:
+    """--updates-per-batch optimiser steps on one batch of rollouts, micro-batched. teacher_model: the weights that
+    read the privileged prompt [default: `model`]; with --teacher ema it is the average, updated after each step."""
+    model.train()
+    N, G = rb.response_ids.shape[0], args.group_size
+    use_teacher = args.beta > 0
+    rollout_logp = None  # (N, L) the rollout policy's log-probs, for the ratio rho (Appendix A.3)
+    if args.updates_per_batch > 1:  # with one update the policy is still the rollout policy: rho = 1
+        with torch.no_grad():
+            rollout_logp = torch.cat([score(model, None, rb, slice(i, i + args.micro_batch), False, args,
+                                           compute).logp for i in range(0, N, args.micro_batch)])  # (N, L)
+    sums = dict(loss=0.0, kl_distill=0.0, kl_ref=0.0, entropy=0.0, grad_norm=0.0, skipped_updates=0)
+    per_update = N // args.updates_per_batch  # whole groups, checked in check_args()
+    for u in range(0, N, per_update):
+        mask = rb.response_mask[u:u + per_update]  # (n, L)
+        # (n, L); sum to 1 over the update (over all ranks': update_share is 1 in one process)
+        weights = token_weights(mask, G, args.loss_agg) * update_share(mask, args.loss_agg)
+        update_loss = 0.0
+        for i in range(u, u + per_update, args.micro_batch):
+            rows = slice(i, min(i + args.micro_batch, u + per_update))
+            logp, kl, ref_logp, entropy, kl_exact = score(model, ref_model, rb, rows, use_teacher, args, compute,
+                                                          teacher_model)
+            old_logp = logp.detach() if rollout_logp is None else rollout_logp[rows]
+            w = weights[rows.start - u:rows.stop - u]  # (n, L)
+            loss = sdpg_loss(logp, old_logp, kl, ref_logp, rb.advantages[rows], w, beta_k, args.alpha,
+                             args.kl_mode, args.clip_low, args.clip_high, args.clip_c, args.gate)
+            loss.backward()
+            update_loss += loss.item()
+            # Metrics, weighted like the loss over the whole batch (w / updates sums to 1 over everything).
+            w = w / args.updates_per_batch
+            sums["loss"] += loss.item() / args.updates_per_batch  # the mean over updates
+            sums["entropy"] += (w * entropy).sum().item()
+            if kl is not None:  # the exact KL, whichever estimator trains
+                sums["kl_distill"] += (w * kl_exact).sum().item()
+            if ref_logp is not None:  # k3 estimate of KL(pi_theta || pi_ref), >= 0 per token
+                log_ratio = (logp - ref_logp).detach()
+                sums["kl_ref"] += (w * (torch.exp(-log_ratio) - 1 + log_ratio)).sum().item()
+        all_reduce_gradients(model)  # every rank now holds the gradient of the global update (no-op in one process)
+        update_loss = global_sum({"loss": update_loss})["loss"]  # so that every rank skips the same updates
+        grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)).item()
+        sums["grad_norm"] += grad_norm / args.updates_per_batch
+        if math.isfinite(grad_norm) and math.isfinite(update_loss):
+            optimizer.step()
+            scheduler.step()
+            if args.teacher == "ema":
+                ema_update(teacher_model, model, args.ema_rate)
+        else:  # a NaN/inf would poison the weights and AdamW's moments for good: skip this update
+            sums["skipped_updates"] += 1
+        optimizer.zero_grad(set_to_none=True)
+    sums.update(global_sum({k: sums[k] for k in ("loss", "entropy", "kl_distill", "kl_ref")}))
+    sums["kl_distill"] = sums["kl_distill"] if use_teacher else None
+    sums["kl_ref"] = sums["kl_ref"] if ref_model is not None else None
+    return sums
+
+
+def build_optimizer(model: nn.Module, args: Args):
+    """AdamW with the paper's betas and a linear learning-rate warm-up, then constant."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup)))
+    return optimizer, scheduler
+
+
+def training_step(step: int, examples: list[dict], model, ref_model, sampler, tokenizer, optimizer, scheduler,
+                  stop_ids: list[int], args: Args, compute: Compute, templates: tuple[str, str], reward,
+                  teacher_model: nn.Module | None = None) -> dict:
+    """Training step k (1-based) on this rank's examples: sample G answers to each with the current
+    weights, score them with the verifier, update. Returns the step's metrics row (means over ranks)."""
+    t0 = time.time()
+    refresh_sampler(sampler, model)  # on-policy: the answers come from the weights being trained
+    rb = collect_rollouts(sampler, tokenizer, examples, args, args.instruction, stop_ids, compute, templates, reward)
+    beta_k = beta_schedule(step, args.steps, args.beta, args.beta_warmup, args.beta_decay)
+    sums = policy_update(model, ref_model, optimizer, scheduler, rb, beta_k, args, compute, teacher_model)
+    row = {"step": step, "reward_mean": rb.rewards.mean().item(), **sums, "beta": beta_k,
+           "gate_frac": (rb.advantages > 0).float().mean().item(),  # A > 0; with --no-gate all are distilled
+           "response_len": rb.response_mask.sum(1).float().mean().item(),
+           "lr": scheduler.get_last_lr()[0], "time_s": time.time() - t0}
+    row.update(global_mean({k: row[k] for k in ("reward_mean", "gate_frac", "response_len")}))
+    return row
+
+
+def count_bad_steps(bad_in_a_row: int, skipped_updates: int) -> int:
+    """Steps in a row with a skipped (NaN/inf) update; the third in a row stops the run."""
+    bad_in_a_row = bad_in_a_row + 1 if skipped_updates else 0
+    if bad_in_a_row >= 3:
+        raise SystemExit(f"error: the loss or gradient was NaN/inf in {bad_in_a_row} steps in a row (those "
+                         f"updates were skipped; the weights are intact). Try a lower --lr.")
+    return bad_in_a_row
+
+
+# =============================================================================
+# The machinery. Everything above is the method; everything below serves it: the settings, the models
+# and data, the prompts, several processes, evaluation, checkpoints and the run's bookkeeping.
 
 # -----------------------------------------------------------------------------
 # Settings. Each field becomes a command-line flag (--batch-prompts for batch_prompts); its help
@@ -256,11 +1159,12 @@ class OneLineErrors(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None = None) -> Args:
     """Command line -> Args, with the "auto" defaults filled in."""
     parser = OneLineErrors(description=__doc__.split("\n\n")[0] + " See README.md.",
-                                     epilog="examples:\n" + __doc__.split("Run it:\n")[1],
+                                     epilog="examples:\n" + __doc__.split("Run it:\n")[1].split("\n\n")[0] + "\n",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    types = get_type_hints(Args)  # the fields' types as classes (the annotations are strings in this file)
     for f in dataclasses.fields(Args):
         flag = "--" + f.name.replace("_", "-")
-        ftype = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))
+        ftype = next(t for t in getattr(types[f.name], "__args__", (types[f.name],)) if t is not type(None))
         help = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
         if ftype is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
@@ -345,8 +1249,11 @@ def seed_everything(seed: int) -> None:
 # -----------------------------------------------------------------------------
 # Models. The policy and the teacher are ONE model (two prompts); the reference is a frozen copy.
 
+
 SHORT_NAME_ORGS = {"Qwen": "Qwen", "SmolLM": "HuggingFaceTB"}  # 'Qwen2.5-0.5B' -> 'Qwen/Qwen2.5-0.5B'
+
 OFFLINE_HINT = "(no network? the offline demo needs none: python sdpg.py --model tiny --dataset toy)"
+
 TINY_MODELS = ("tiny", "tiny-reader")  # built in code; both take PRESETS["tiny"]
 
 
@@ -408,6 +1315,7 @@ def build_tiny_model(tokenizer, seed: int) -> nn.Module:
 # states, on lessons whose questions and answers are random digits. The answer of a lesson is never the answer
 # of a task in TOY_TASKS to its question, so the lessons teach reading and never a task itself.
 READING_BATCH, READING_LR, READING_MAX_STEPS = 64, 3e-3, 2000
+
 READING_TARGET = 0.99  # stop once the teacher view repeats this fraction of a fixed probe of lessons
 
 
@@ -699,7 +1607,9 @@ def next_batch(queue: list[int], order: random.Random, n_train: int, k: int) -> 
 # the teacher's adds the privileged context c: the gold answer and a worked solution. Both go
 # through the chat template when the tokenizer has one.
 
+
 STUDENT_TEMPLATE = "{question}\n{instruction}"
+
 # The paper's teacher prompt (its Fig. 4) is the student prompt followed by the answer, a worked
 # solution, and a request to reach that answer by another, equally rigorous route (or, if there is
 # none, to set out the usual one very clearly) without saying that the answer was given. The words
@@ -709,12 +1619,17 @@ TEACHER_TEMPLATE = ("{question}\n{instruction}\n\n"
                     "Worked solution: {solution}\n"
                     "Reach {answer} by another route just as rigorous, if there is one; else explain the usual "
                     "route very clearly. Never mention knowing the answer.")
+
 DEFAULT_TEMPLATES = (STUDENT_TEMPLATE, TEACHER_TEMPLATE)
+
 # The tasks generated in code (TOY_TASKS) take a short teacher prompt in the tiny models' alphabet, the one the
 # reading pretraining teaches: the question, then a line stating the answer.
 TOY_TEACHER_TEMPLATE = "{question}\n{instruction}\nanswer: {answer}\nsolution: {solution}"
+
 TOY_TEMPLATES = (STUDENT_TEMPLATE, TOY_TEACHER_TEMPLATE)
+
 STUDENT_SLOTS, TEACHER_SLOTS = {"question", "instruction"}, {"question", "instruction", "answer", "solution"}
+
 # A slot is {name} after anything but a letter, digit, '_', '}', '^' or '\', so that the LaTeX in a
 # template (\boxed{x}, \frac{a}{b}, x^{n}) stays as it is.
 SLOT = re.compile(r"(?<![\w}^\\])\{([A-Za-z_]\w*)\}")
@@ -824,886 +1739,6 @@ def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[
         ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
         mask[i, P - len(s):] = 1
     return ids.to(device), mask.to(device)
-
-
-# -----------------------------------------------------------------------------
-# Sampling
-
-
-def response_mask_from_stops(response_ids: Tensor, stop_ids: list[int]) -> Tensor:
-    """(N, L) sampled ids -> (N, L) mask: 1 up to AND including the first stop token, 0 after.
-
-    The mask comes from the stop tokens, never from pad_token_id: pad often equals EOS, and then a
-    real EOS would be masked out and the model never learns to stop.
-    >>> response_mask_from_stops(torch.tensor([[5, 2, 9, 2], [7, 7, 7, 7]]), stop_ids=[2])
-    tensor([[1, 1, 0, 0],
-            [1, 1, 1, 1]])
-    """
-    is_stop = torch.isin(response_ids, torch.tensor(stop_ids, device=response_ids.device)).long()  # (N, L)
-    stops_before = is_stop.cumsum(dim=1) - is_stop  # (N, L) stop tokens strictly before t
-    return (stops_before == 0).long()
-
-
-def decode_responses(tokenizer, response_ids: Tensor, response_mask: Tensor) -> list[str]:
-    """(N, L) ids and mask -> N strings, each decoded from its own tokens only.
-
-    Never decode `ids * mask`: the zeros become token 0, which in Qwen's vocabulary is "!" and would
-    turn "#### 18" into "#### 18!!!!" and a right answer into reward 0.
-    """
-    return [tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
-            for ids, m in zip(response_ids, response_mask)]
-
-
-# Decoding is nearly all of an SDPG step's time: 512 new tokens are 512 forward passes one after
-# the other, each reading every weight once. transformers' generate() runs each pass as about a
-# thousand small kernel launches and then waits on the host to ask whether every row has stopped,
-# so on a GPU the host, not the hardware, sets its pace. The loop below keeps everything one step
-# touches in tensors of a fixed shape, allocated once per batch shape: a key/value cache with a
-# column for every position of prompt + answer, the token ids, the positions and the stop flags.
-# A step is then the same kernels on the same memory every time, which CUDA records once as a graph
-# and replays with a single launch per token. The loop calls the model's own embeddings, norms,
-# projections, MLPs and rotary embedding; only attention over the cache is written out here (the
-# cache classes of transformers change their API from one release to the next).
-
-FAST_DECODING_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # decoder layers made of exactly those parts
-
-
-def fast_decoding_unsupported(model: nn.Module) -> str | None:
-    """Why decode_step cannot serve this model, or None when it can."""
-    config = model.config
-    if config.model_type not in FAST_DECODING_MODEL_TYPES:
-        return f"model type '{config.model_type}' (the loop serves {', '.join(FAST_DECODING_MODEL_TYPES)})"
-    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    if sliding or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
-        return "sliding-window attention"
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-    if rope_type in ("dynamic", "longrope"):  # these rescale RoPE from the sequence length, on the host
-        return f"RoPE type '{rope_type}'"
-    return None
-
-
-@dataclass
-class DecodeState:
-    """Every tensor a decoding step reads or writes, for one batch shape. Allocated once and updated
-    in place: a CUDA graph replays the same memory addresses."""
-    keys: Tensor  # (layers, N, H_kv, C, D) the KV cache: a column per position of prompt + answer
-    values: Tensor  # (layers, N, H_kv, C, D)
-    ids: Tensor  # (N, C) the left-padded prompt ids, then the sampled ids
-    visible: Tensor  # (N, C) bool: the column holds a real token (not padding, not yet written)
-    position: Tensor  # (N,) RoPE position of the token in `column`: the number of real tokens before it
-    column: Tensor  # (1,) the column of the newest token, the input of the next step
-    done: Tensor  # (N,) bool: the row has sampled a stop token
-    stop_ids: Tensor  # (S,)
-    pad_id: int
-    graphs: dict = field(default_factory=dict)  # temperature -> torch.cuda.CUDAGraph of decode_step
-
-
-def new_decode_state(model: nn.Module, n: int, columns: int, stop_ids: list[int], pad_id: int) -> DecodeState:
-    """Zeroed state for n rows and a cache of `columns` positions, on the model's device and in its dtype."""
-    p, config = next(model.parameters()), model.config
-    head_dim = model.base_model.layers[0].self_attn.head_dim
-    cache_shape = (config.num_hidden_layers, n, config.num_key_value_heads, columns, head_dim)
-
-    def zeros(*shape, dtype=torch.long):
-        return torch.zeros(shape, dtype=dtype, device=p.device)
-    return DecodeState(keys=zeros(*cache_shape, dtype=p.dtype), values=zeros(*cache_shape, dtype=p.dtype),
-                       ids=zeros(n, columns), visible=zeros(n, columns, dtype=torch.bool), position=zeros(n),
-                       column=zeros(1), done=zeros(n, dtype=torch.bool),
-                       stop_ids=torch.tensor(stop_ids, device=p.device), pad_id=pad_id)
-
-
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary position embedding in the half-split layout of Hugging Face checkpoints.
-    x (N, heads, T, D), cos and sin (N, T, D) from the model's own rotary_emb -> (N, heads, T, D)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
-
-
-# Grouped-query attention: Qwen2.5-0.5B's 14 query heads share 2 key/value heads, 7 to a group.
-# Decoding reads the whole cache at every token, so each key/value head is read once for its group
-# (the group's query heads become rows of one matmul) instead of being copied once per query head,
-# which is what transformers' sdpa path does whenever there is a padding mask: 7x the cache traffic.
-def grouped_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
-    """q (N, H_q, T, D); k, v (N, H_kv, S, D); allowed (N, 1, T, S) bool -> (N, H_q, T, D).
-    Query head h attends with key/value head h // (H_q / H_kv), as in transformers."""
-    N, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    q = q.reshape(N, Hkv, Hq // Hkv * T, D)  # (N, H_kv, group x T, D)
-    scores = (q @ k.transpose(2, 3)).view(N, Hq, T, S) * scale  # (N, H_q, T, S)
-    probs = scores.masked_fill(~allowed, float("-inf")).float().softmax(dim=-1).to(v.dtype)  # (N, H_q, T, S)
-    return (probs.view(N, Hkv, Hq // Hkv * T, S) @ v).view(N, Hq, T, D)
-
-
-def cached_attention(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
-                     columns: Tensor, allowed: Tensor) -> Tensor:
-    """One attention block of the model for new tokens x (N, T, H) that sit in cache `columns` (T,).
-
-    Writes their keys and values into keys, values (N, H_kv, C, D), then attends over the first S
-    cache columns as allowed (N, T, S) says. Returns the block's output (N, T, H).
-    """
-    N, T, _ = x.shape
-    D = attn.head_dim
-    q = attn.q_proj(x).view(N, T, -1, D)  # (N, T, H_q, D)
-    k = attn.k_proj(x).view(N, T, -1, D)  # (N, T, H_kv, D)
-    v = attn.v_proj(x).view(N, T, -1, D).transpose(1, 2)  # (N, H_kv, T, D)
-    if hasattr(attn, "q_norm"):  # Qwen3 normalises every query and key head before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)  # (N, H_q or H_kv, T, D)
-    keys.index_copy_(2, columns, k)
-    values.index_copy_(2, columns, v)
-    S = allowed.shape[-1]
-    k_seen, v_seen = keys[:, :, :S], values[:, :, :S]  # (N, H_kv, S, D)
-    if T == 1:  # a decoding step: bandwidth-bound, read each key/value head once
-        out = grouped_attention(q, k_seen, v_seen, allowed[:, None], attn.scaling)  # (N, H_q, 1, D)
-    else:  # the prompt, once per call: torch's fused kernel, which never holds a (T, S) score matrix per head
-        group = q.shape[1] // k_seen.shape[1]
-        out = F.scaled_dot_product_attention(q, k_seen.repeat_interleave(group, dim=1),
-                                             v_seen.repeat_interleave(group, dim=1), attn_mask=allowed[:, None],
-                                             scale=attn.scaling)  # (N, H_q, T, D)
-    return attn.o_proj(out.transpose(1, 2).reshape(N, T, -1))
-
-
-def run_layers(model: nn.Module, ids: Tensor, positions: Tensor, state: DecodeState, columns: Tensor,
-               allowed: Tensor) -> Tensor:
-    """The model's transformer on new tokens: ids, positions (N, T) that go into cache `columns` (T,)
-    -> final hidden states (N, T, H)."""
-    base = model.base_model
-    x = model.get_input_embeddings()(ids)  # (N, T, H)
-    cos, sin = base.rotary_emb(x, positions)  # (N, T, D) each
-    for i, layer in enumerate(base.layers):
-        x = x + cached_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, state.keys[i],
-                                 state.values[i], columns, allowed)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return base.norm(x)
-
-
-# Sampling inside the step, with no host sync (the Gumbel-max trick): with u ~ U(0, 1) drawn
-# independently for every vocabulary entry, argmax(logits / T - log(-log u)) is an exact draw from
-# softmax(logits / T). Temperature 0 is greedy decoding.
-def sample_next(logits: Tensor, temperature: float) -> Tensor:
-    """(N, V) logits -> (N,) token ids."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    u = torch.rand(logits.shape, device=logits.device).clamp_(min=torch.finfo(torch.float32).tiny)  # (N, V)
-    return (logits.float() / temperature - torch.log(-torch.log(u))).argmax(dim=-1)
-
-
-def prefill(model: nn.Module, state: DecodeState, prompt_ids: Tensor, prompt_mask: Tensor, temperature: float) -> None:
-    """Runs the left-padded prompts (N, P) through the model into cache columns [0, P) and samples
-    each row's first answer token into column P."""
-    P = prompt_ids.shape[1]
-    real = prompt_mask.bool()  # (N, P)
-    state.ids[:, :P] = prompt_ids
-    state.visible.zero_()
-    state.visible[:, :P] = real
-    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # (N, P), as in response_hidden_states
-    causal = torch.ones(P, P, dtype=torch.bool, device=real.device).tril()  # (P, P)
-    # A token attends to the real tokens up to itself. A padding position attends to itself alone:
-    # some attention kernels return NaN for a row with nothing allowed, and NaN values in the cache
-    # would poison every later step even where they are masked (0 x NaN is NaN).
-    allowed = causal & real[:, None, :] | torch.eye(P, dtype=torch.bool, device=real.device)  # (N, P, P)
-    h = run_layers(model, prompt_ids, positions, state, torch.arange(P, device=real.device), allowed)  # (N, P, H)
-    first = sample_next(model.get_output_embeddings()(h[:, -1]), temperature)  # (N,)
-    state.ids[:, P] = first
-    state.done.copy_((first[:, None] == state.stop_ids).any(dim=1))
-    state.position.copy_(prompt_mask.sum(dim=1))
-    state.column.fill_(P)
-
-
-def decode_step(model: nn.Module, state: DecodeState, temperature: float) -> None:
-    """Feeds the token in `column` to the model and samples the next one into `column` + 1.
-
-    Fixed shapes, in place, and no .item(), .tolist() or Python branch on a tensor's value: CUDA can
-    record it as a graph. A row that has stopped keeps running (fixed shapes) but only appends padding.
-    """
-    token = state.ids.index_select(1, state.column)  # (N, 1)
-    state.visible.index_fill_(1, state.column, True)
-    h = run_layers(model, token, state.position[:, None], state, state.column, state.visible[:, None, :])  # (N, 1, H)
-    next_ids = sample_next(model.get_output_embeddings()(h[:, 0]), temperature)  # (N,)
-    next_ids = torch.where(state.done, state.pad_id, next_ids)  # (N,)
-    state.done |= (next_ids[:, None] == state.stop_ids).any(dim=1)
-    state.ids.index_copy_(1, state.column + 1, next_ids[:, None])
-    state.position += 1
-    state.column += 1
-
-
-def capture_decode_step(model: nn.Module, state: DecodeState, temperature: float) -> "torch.cuda.CUDAGraph":
-    """Records decode_step once as a CUDA graph: graph.replay() reruns all its kernels with one launch.
-
-    The graph reads and writes the memory it was recorded on: the state tensors, and the model's
-    weights. refresh_sampler copies the new policy INTO those weights (copy_), and an optimiser step
-    updates them in place, so every replay decodes with the current weights without a new capture.
-    (Assigning new tensors to the parameters, p.data = ..., would not be seen.) The warm-up steps run
-    outside the capture, as CUDA graphs require; they only scribble on the state, which prefill resets.
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            decode_step(model, state, temperature)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        decode_step(model, state, temperature)
-    return graph
-
-
-# One DecodeState per model, batch size and stop ids, kept beside the model (weakly: it goes when
-# the model goes), so a training run allocates its cache and records its graph once, not every step.
-# Training and greedy evaluation with the same batch size share one cache, each with its own graph.
-_DECODE_STATES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
-def decode_state_for(model: nn.Module, n: int, columns: int, temperature: float, stop_ids: list[int],
-                     pad_id: int) -> DecodeState:
-    """The state for n rows with room for `columns` positions (a new, larger one if it has too few),
-    with a CUDA graph of decode_step at this temperature on CUDA."""
-    states = _DECODE_STATES.setdefault(model, {})
-    key = (n, tuple(stop_ids), pad_id)
-    state = states.get(key)
-    if state is None or state.ids.shape[1] < columns:
-        states.pop(key, None)  # free the old cache first
-        # Rounded up, so that a batch with slightly longer prompts still fits and needs no new graph.
-        state = states[key] = new_decode_state(model, n, 64 * math.ceil(columns / 64), stop_ids, pad_id)
-    if state.keys.is_cuda and temperature not in state.graphs:
-        try:
-            state.graphs[temperature] = capture_decode_step(model, state, temperature)
-        except RuntimeError as e:  # a model whose layers sync with the host cannot be recorded
-            notice_once(f"decoding without a CUDA graph (slower): recording the step failed: {first_line(e)}")
-            state.graphs[temperature] = None
-    return state
-
-
-_NOTICES: set[str] = set()
-
-
-def notice_once(message: str) -> None:
-    """Prints a message the first time it comes up in this process."""
-    if message not in _NOTICES:
-        _NOTICES.add(message)
-        print(message)
-
-
-@torch.no_grad()
-def generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int,
-             temperature: float, top_p: float, stop_ids: list[int], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Samples one answer per row, all rows in ONE batched decoding loop (temperature 0 = greedy).
-
-    prompt_ids, prompt_mask: (N, P) left-padded. Returns response ids and mask, both (N, L), where L
-    is the longest answer (at most max_new_tokens); after its stop token a row holds pad_id.
-    """
-    # Nucleus sampling needs a sort of the vocabulary at every token, and its answers are only
-    # approximately on-policy anyway; models with other layer types need transformers' own code.
-    unsupported = "--top-p below 1" if top_p < 1 else fast_decoding_unsupported(model)
-    if unsupported:
-        notice_once(f"sampling with transformers' generate() (slower): {unsupported}")
-        return hf_generate(model, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, stop_ids, pad_id)
-    N, P = prompt_ids.shape
-    # No autocast: the loop computes in the sampler's own dtype (bf16 on CUDA, see make_sampler). An
-    # autocast that re-casts float32 weights at every token would cost bandwidth, and its cache of
-    # cast weights does not mix with CUDA graphs.
-    with torch.autocast(prompt_ids.device.type, enabled=False):
-        state = decode_state_for(model, N, P + max_new_tokens, temperature, stop_ids, pad_id)
-        graph = state.graphs.get(temperature)
-        prefill(model, state, prompt_ids, prompt_mask, temperature)  # samples the first token
-        new_tokens = 1
-        while new_tokens < max_new_tokens:
-            if graph is not None:
-                graph.replay()
-            else:
-                decode_step(model, state, temperature)
-            new_tokens += 1
-            if new_tokens % 32 == 0 and state.done.all():  # the only host sync, once every 32 tokens
-                break
-    response_ids = state.ids[:, P:P + new_tokens].clone()  # (N, L)
-    response_mask = response_mask_from_stops(response_ids, stop_ids)  # (N, L)
-    longest = int(response_mask.sum(dim=1).max())
-    return response_ids[:, :longest], response_mask[:, :longest]
-
-
-@torch.no_grad()
-def hf_generate(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int,
-                temperature: float, top_p: float, stop_ids: list[int], pad_id: int) -> tuple[Tensor, Tensor]:
-    """generate() through transformers' model.generate: every model, top-p, and host-bound speed.
-    It derives position ids from the attention mask, so left padding shifts nothing. The answers come from
-    softmax(logits / temperature) (cut to the top-p nucleus) and nothing else, whoever calls this: no setting
-    is taken from model.generation_config (a Hub model's may hold a repetition penalty, top_k, min_p...,
-    which would draw the answers from another distribution than p_t). top_k=0 because transformers would
-    otherwise keep only the 50 likeliest tokens."""
-    from transformers import GenerationConfig
-
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
-        dict(do_sample=False)
-    # use_cache=True: with gradient checkpointing switched on, some transformers versions would
-    # otherwise drop the KV cache and recompute the whole sequence at every new token.
-    plain = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
-                             use_cache=True, **sampling)
-    # Passing `plain` alone is not enough: transformers (5.x) fills every setting that a passed config leaves
-    # unset (None: repetition_penalty, min_p, no_repeat_ngram_size...) from model.generation_config, and only
-    # then from its neutral defaults. So for this one call the model's own config is `plain` too, and every
-    # setting not named above gets transformers' neutral default; the model's config is put back afterwards,
-    # also on an error, so a caller (or save_pretrained) finds it unchanged.
-    kept = model.generation_config
-    model.generation_config = plain
-    try:
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=plain)  # (N, P + L)
-    finally:
-        model.generation_config = kept
-    response_ids = out[:, prompt_ids.shape[1]:]  # (N, L)
-    return response_ids, response_mask_from_stops(response_ids, stop_ids)
-
-
-# The decoding loop computes in its model's dtype, and a decoding step is bound by reading the
-# weights: float32 weights read 4 bytes per parameter per token, bf16 ones 2 (what was measured:
-# benchmarks/results/performance.md). So on CUDA the answers come from a bf16 copy of the policy
-# whose weights are refreshed from the float32 master weights before each rollout, in place so that
-# the recorded CUDA graph reads them, for 2 bytes per parameter of extra memory. The copy is close
-# to, not bit-identical with, the autocast forward that scores the answers (autocast keeps norms and
-# the residual stream in float32): like every RL system with a separate inference engine, the
-# rollouts are on-policy up to bf16 rounding.
-def make_sampler(model: nn.Module, bf16: bool, whole_copy: bool = False) -> nn.Module:
-    """The model that generates: a frozen bf16 copy when computing in bf16, else the model itself (or, with
-    whole_copy=True, for --fsdp whose policy is sharded, a whole float32 copy)."""
-    return frozen_copy(model, torch.bfloat16 if bf16 else torch.float32) if bf16 or whole_copy else model
-
-
-@torch.no_grad()
-def refresh_sampler(sampler: nn.Module, model: nn.Module) -> None:
-    """Copies the current policy weights into the sampler (a no-op when they are one model)."""
-    if sampler is not model:
-        for dst, src in zip(sampler.parameters(), model.parameters()):
-            dst.copy_(whole(src))  # whole(): the tensor itself, or with --fsdp gathered from the ranks' shards
-
-
-# -----------------------------------------------------------------------------
-# Scoring. The logits at response positions come from three views of the same answer ids:
-#   student   pi_theta(. | x, y_<t)     with gradients
-#   teacher   pi_theta(. | c, x, y_<t)  same weights, privileged prompt, no gradients (stop-grad)
-#   reference pi_ref(. | x, y_<t)       frozen initial weights, no gradients
-# We stop at the final hidden states (N, L, H) and turn them into logits a chunk of tokens at a
-# time: (tokens, V) float32 logits at V = 151,936 are the memory wall of full-vocabulary methods.
-
-
-def response_hidden_states(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
-                           response_ids: Tensor, response_mask: Tensor) -> Tensor:
-    """Final hidden states that predict each response token: (N, P), (N, L) -> (N, L, H).
-
-    The input is prompt ids + the SAMPLED response ids, never re-tokenised text, so the teacher
-    scores exactly the tokens the student produced.
-    """
-    ids = torch.cat([prompt_ids, response_ids], dim=1)  # (N, P + L)
-    attn = torch.cat([prompt_mask, response_mask], dim=1)  # (N, P + L)
-    # Left padding: position ids count real tokens only, so a padded prompt sees the same positions
-    # as the same prompt alone.
-    position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)  # (N, P + L)
-    h = model.base_model(input_ids=ids, attention_mask=attn, position_ids=position_ids,
-                         use_cache=False).last_hidden_state  # (N, P + L, H)
-    P = prompt_ids.shape[1]
-    return h[:, P - 1:-1]  # (N, L, H): the state at position t predicts token t + 1
-
-
-# KL(p || SG[q]) = sum_{a in V} p(a) (log p(a) - log q(a))                          (Eq. 3.2, 3.4)
-def full_vocab_reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Exact reverse KL over the whole vocabulary, teacher detached: (..., V), (..., V) -> (...).
-
-    Reverse = student first, so the gradient only flows through p (the student). Beware
-    F.kl_div(input, target), which computes KL(target || input): the other direction.
-    Computed in float32 whatever the input dtype.
-    >>> s, t = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
-    >>> round(full_vocab_reverse_kl(s, t).item(), 4)  # p = (.881, .119), q = (.119, .881)
-    1.5232
-    """
-    logp = F.log_softmax(student_logits.float(), dim=-1)  # (..., V)
-    logq = F.log_softmax(teacher_logits.detach().float(), dim=-1)  # (..., V)
-    return (logp.exp() * (logp - logq)).sum(dim=-1)  # (...)
-
-
-# Two cheaper stand-ins for the exact KL, as other trainers use them; --distill-estimator picks one. Each is
-# pure on tensors like full_vocab_reverse_kl, and each is 0 with zero gradient when q = p.
-#
-# Top-K with a tail bucket (SDPO): S = the student's K likeliest tokens (chosen without gradient), and one more
-# outcome, "any other token", holding the rest of each distribution's mass, so that the KL is still one between
-# two proper distributions over K + 1 outcomes:
-#   KL_K(p || SG[q]) = sum_{a in S} p(a) (log p(a) - log q(a)) + p(~S) (log p(~S) - log q(~S))
-# With K = V there is no tail and it is the exact KL; with K < V it is a lower bound (merging outcomes never
-# raises a KL).
-def topk_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, k: int) -> Tensor:
-    """Reverse KL over the student's top-k tokens plus a tail bucket, teacher detached: (..., V), (..., V) -> (...).
-    >>> s, t = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]])
-    >>> round(topk_reverse_kl(s, t, 3).item(), 4) == round(full_vocab_reverse_kl(s, t).item(), 4)
-    True
-    """
-    logp = F.log_softmax(student_logits.float(), dim=-1)  # (..., V)
-    logq = F.log_softmax(teacher_logits.detach().float(), dim=-1)  # (..., V)
-    if k >= logp.shape[-1]:
-        return (logp.exp() * (logp - logq)).sum(dim=-1)  # (...) no tail left: the full sum
-    top = logp.detach().topk(k, dim=-1).indices  # (..., K) the student's likeliest tokens
-    in_top = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, top, True)  # (..., V)
-    lp_top, lq_top = logp.gather(-1, top), logq.gather(-1, top)  # (..., K)
-    # log of each tail mass as a logsumexp over the columns outside S: exact and finite (S leaves one out at least)
-    lp_tail = logp.masked_fill(in_top, float("-inf")).logsumexp(dim=-1)  # (...)
-    lq_tail = logq.masked_fill(in_top, float("-inf")).logsumexp(dim=-1)  # (...)
-    return (lp_top.exp() * (lp_top - lq_top)).sum(dim=-1) + lp_tail.exp() * (lp_tail - lq_tail)  # (...)
-
-
-# The sampled token alone (on-policy distillation's usual estimate): y_t was drawn from p_t, so
-#   r_t = log p_t(y_t) - log q_t(y_t)   has  E_{y~p}[r_t] = KL(p_t || q_t),
-# and since E_{y~p}[grad log p(y)] = 0, the gradient of the KL is E_{y~p}[r_t grad log p_t(y_t)]: a per-token
-# penalty r_t with the REINFORCE gradient SG[r_t] grad log p_t(y_t). Both are unbiased, with the variance of
-# one draw per position. Only the sampled column of the teacher is needed.
-def sampled_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> Tensor:
-    """r_t = log p_t(y_t) - log q_t(y_t) for the sampled tokens, with the gradient SG[r_t] grad log p_t(y_t):
-    (..., V), (..., V), (...) -> (...)."""
-    logp = F.log_softmax(student_logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # (...)
-    logq = F.log_softmax(teacher_logits.detach().float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-    r = (logp - logq).detach()  # (...)
-    return r + r * (logp - logp.detach())  # value r, gradient r * grad log p
-
-
-def distill_kl(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, estimator: str, k: int) -> Tensor:
-    """The per-token distillation term that --distill-estimator names: (..., V), (..., V), (...) -> (...)."""
-    if estimator == "full":
-        return full_vocab_reverse_kl(student_logits, teacher_logits)
-    if estimator == "topk":
-        return topk_reverse_kl(student_logits, teacher_logits, k)
-    return sampled_reverse_kl(student_logits, teacher_logits, targets)
-
-
-class ChunkTerms(NamedTuple):
-    """Per-token terms of M response tokens, each (M,)."""
-    logp: Tensor  # log p_t(y_t), with grad
-    kl: Tensor  # the distillation term whose gradient trains (the exact KL with estimator 'full'); 0 without teacher
-    kl_exact: Tensor  # the exact KL(p_t || q_t), no grad: the logged kl_distill, whatever the estimator
-    entropy: Tensor  # H(p_t), no grad, a metric
-
-
-def _chunk_terms(h_student: Tensor, h_teacher: Tensor | None, targets: Tensor, lm_head: nn.Module,
-                 teacher_head: nn.Module, temperature: float, estimator: str, k: int) -> tuple[Tensor, ...]:
-    """One chunk of chunked_token_terms: the hidden states (C, H) of its C tokens -> the four (C,) ChunkTerms."""
-    logits = lm_head(h_student).float() / temperature  # (C, V), the only place (C, V) logits live
-    lse = torch.logsumexp(logits, dim=-1)  # (C,)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (C,) log p_t(y_t)
-    with torch.no_grad():  # a metric only: no autograd buffers for it
-        entropy = lse - (logits.softmax(dim=-1) * logits).sum(-1)  # (C,) H(p_t)
-    if h_teacher is None:
-        return logp, torch.zeros_like(logp), torch.zeros_like(entropy), entropy
-    with torch.no_grad():  # the teacher is a stop-gradient target: no graph for its (C, V) logits
-        teacher_logits = teacher_head(h_teacher).float() / temperature  # (C, V)
-    kl = distill_kl(logits, teacher_logits, targets, estimator, k)  # (C,)
-    if estimator == "full":
-        return logp, kl, kl.detach(), entropy
-    with torch.no_grad():  # the exact KL as the metric: one more pass over the (C, V) logits, no graph
-        kl_exact = full_vocab_reverse_kl(logits, teacher_logits)  # (C,)
-    return logp, kl, kl_exact, entropy
-
-
-def chunked_token_terms(h_student: Tensor, h_teacher: Tensor | None, targets: Tensor, lm_head: nn.Module,
-                        temperature: float, chunk_size: int, teacher_head: nn.Module | None = None,
-                        estimator: str = "full", k: int = 64) -> ChunkTerms:
-    """Per-token log p_t(y_t), the distillation term, the exact KL(p_t || q_t) and the entropy of p_t, computed
-    chunk by chunk.
-
-    h_student (M, H) with grad, h_teacher (M, H) or None, targets (M,) -> four (M,) tensors. M counts
-    real response tokens only (padding was dropped before). teacher_head turns the teacher's hidden
-    states into logits [default: lm_head, the policy's own, as in SDPG]. With gradients on, each
-    chunk is wrapped in torch.utils.checkpoint: the forward keeps only the (C, H) inputs and the
-    backward recomputes the chunk's (C, V) logits, so peak memory is about chunk_size x V x 4 bytes
-    x a few, instead of M x V x 4 bytes x a few. The result equals the unchunked computation.
-    """
-    teacher_head = lm_head if teacher_head is None else teacher_head
-    outs = []
-    for i in range(0, targets.shape[0], chunk_size):
-        hs, y = h_student[i:i + chunk_size], targets[i:i + chunk_size]  # (C, H), (C,)
-        ht = None if h_teacher is None else h_teacher[i:i + chunk_size].detach()  # (C, H)
-        terms = (hs, ht, y, lm_head, teacher_head, temperature, estimator, k)
-        if torch.is_grad_enabled() and hs.requires_grad:
-            outs.append(checkpoint(_chunk_terms, *terms, use_reentrant=False))
-        else:
-            outs.append(_chunk_terms(*terms))
-    return ChunkTerms(*(torch.cat(parts) for parts in zip(*outs)))  # each (M,)
-
-
-def scatter_tokens(values: Tensor, mask: Tensor) -> Tensor:
-    """(M,) values of the real tokens -> (N, L) with zeros at padding (keeps gradients)."""
-    out = values.new_zeros(mask.shape)  # (N, L)
-    out[mask.bool()] = values
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Rewards, advantages and losses. Rewards and advantages are (N,), one per answer; loss terms are
-# (n, L): n rows of the batch (an update or a micro-batch) by L response positions, with `weights`
-# holding each token's share of the update.
-
-
-# DAPO's overlong penalty (Yu et al., 2025) on an answer of |y| tokens, with L = --max-new-tokens
-# and a buffer of B tokens:  0 for |y| <= L - B,  (L - B - |y|) / B for L - B < |y| <= L (-1 at L).
-def overlong_penalty(lengths: Tensor, max_len: int, buffer: int) -> Tensor:
-    """lengths (N,) in tokens -> (N,) penalties in [-1, 0]; a buffer of 0 switches it off.
-
-    >>> overlong_penalty(torch.tensor([6, 7, 8, 10]), max_len=10, buffer=4)
-    tensor([ 0.0000, -0.2500, -0.5000, -1.0000])
-    """
-    if buffer <= 0:
-        return torch.zeros(lengths.shape, device=lengths.device)
-    return ((max_len - buffer - lengths) / buffer).clamp(max=0.0)  # (N,)
-
-
-# The verifier, a (completion, gold) -> 1.0 or 0.0 function: ours, or Hugging Face's Math-Verify (an
-# optional package, imported only when asked for). Math-Verify reads LaTeX only inside maths delimiters,
-# hence the gold in $...$, and bounds each parse and each comparison with a SIGALRM timeout, which works in
-# the main thread only (where sdpg.py scores).
-MATH_VERIFY_TIMEOUT_S = 2
-
-
-def reward_function(verifier: str):
-    """--verifier's name -> its (completion, gold) -> reward function."""
-    if verifier == "ours":
-        return math_reward
-    try:
-        import math_verify
-    except ImportError:
-        raise SystemExit("error: --verifier math-verify needs the math-verify package: "
-                         "pip install math-verify") from None
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its timeout warnings repeat the whole answer
-
-    def math_verify_reward(completion: str, gold: str) -> float:
-        if not isinstance(completion, str) or not isinstance(gold, str):
-            return 0.0
-        gold_parsed = math_verify.parse(f"${gold}$", parsing_timeout=MATH_VERIFY_TIMEOUT_S)
-        answer = math_verify.parse(completion, parsing_timeout=MATH_VERIFY_TIMEOUT_S)
-        return float(math_verify.verify(gold_parsed, answer, timeout_seconds=MATH_VERIFY_TIMEOUT_S))  # gold first
-
-    return math_verify_reward
-
-
-# R_i = 1 if the verifier accepts y_i, else r_wrong; plus the overlong penalty.
-# An affine change of every reward, R -> a R + b with a > 0, leaves the std-normalised advantage of
-# Eq. 2.1 as it was (up to the 1e-6 in its denominator), so the released script's -1 for a wrong
-# answer changes nothing alone: it only sets how much a penalty of up to -1 weighs next to the gap
-# between a right and a wrong answer (1 with r_wrong = 0, 2 with r_wrong = -1).
-def shaped_reward(correct: Tensor, lengths: Tensor, wrong_reward: float, max_len: int, buffer: int) -> Tensor:
-    """correct (N,) 1.0 or 0.0 from the verifier, lengths (N,) answer tokens -> (N,) rewards.
-
-    >>> shaped_reward(torch.tensor([1., 0., 1.]), torch.tensor([5, 9, 10]), -1.0, max_len=10, buffer=4)
-    tensor([ 1.0000, -1.7500,  0.0000])
-    """
-    reward = torch.where(correct > 0, 1.0, wrong_reward).to(correct.device)  # (N,)
-    return reward + overlong_penalty(lengths, max_len, buffer)  # (N,)
-
-
-# The rows of a batch come in groups of G answers to one prompt, laid out contiguously, and the group
-# statistics below reshape (N,) into (N / G, G). A row count that is not a multiple of G means the caller
-# mixed up its batch (a group cut in two, or the wrong --group-size); without this check the reshape would
-# fail with a message about shapes that names neither number.
-def check_whole_groups(rows: int, group_size: int) -> None:
-    """Raises a one-line ValueError unless `rows` is a whole number of groups of `group_size` rows."""
-    if rows % group_size:
-        raise ValueError(f"the number of rows N ({rows}) must be a multiple of the group size G ({group_size})")
-
-
-# A_i = (R_i - mean_G(R)) / (std_G(R) + eps), unbiased std                          (Eq. 2.1)
-def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
-    """Group-relative, std-normalised advantages. rewards (N,) grouped contiguously, N = prompts * G.
-
-    A group whose rewards are all equal gets A = 0 (nothing to learn from it).
-    >>> group_advantages(torch.tensor([1., 0., 0., 0., 1., 1., 1., 1.]), group_size=4).round(decimals=4)
-    tensor([ 1.5000, -0.5000, -0.5000, -0.5000,  0.0000,  0.0000,  0.0000,  0.0000])
-    """
-    if group_size < 2:
-        raise ValueError("group_size must be >= 2: the std of a single reward is undefined")
-    check_whole_groups(rewards.shape[0], group_size)
-    r = rewards.float().view(-1, group_size)  # (B, G)
-    A = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + eps)  # (B, G), torch.std is unbiased
-    return A.view(-1)  # (N,)
-
-
-# Each token's share of the loss of one update, w_{i,t}, with sum over i, t of w_{i,t} = 1:
-#   group       w_{i,t} = mask_{i,t} / (B * sum_{j in group(i)} |y_j|)   (Eq. 3.4; B prompts, all G answers
-#               of the group counted, gated or not)
-#   token-mean  w_{i,t} = mask_{i,t} / sum_{j,s} mask_{j,s}             (the authors' released code)
-# 'group' gives each prompt the same weight and, inside a group, each token; 'token-mean' gives every
-# token of the update the same weight, so a prompt with long answers weighs more. (The released code
-# takes the mean over each micro-batch and weighs micro-batches by their answer count, which equals
-# this when an update is one micro-batch; the mean over the whole update lets --micro-batch change
-# memory only.) Either way the weights sum to 1 over the update, so sum(w * per_token_loss) splits
-# over micro-batches of any size without changing the result.
-def token_weights(mask: Tensor, group_size: int, agg: str = "group") -> Tensor:
-    """Each token's weight: mask (N, L) of one update, N = prompts x G grouped contiguously -> (N, L).
-
-    >>> token_weights(torch.tensor([[1, 1, 0], [1, 0, 0]]), group_size=2)
-    tensor([[0.3333, 0.3333, 0.0000],
-            [0.3333, 0.0000, 0.0000]])
-    """
-    m = mask.float()
-    if agg == "token-mean":
-        return m / m.sum()  # (N, L)
-    if agg != "group":
-        raise ValueError(f"unknown loss aggregation {agg!r}; use group or token-mean")
-    check_whole_groups(m.shape[0], group_size)
-    tokens_per_group = m.view(-1, group_size, m.shape[1]).sum(dim=(1, 2))  # (B,)
-    per_sequence = tokens_per_group.repeat_interleave(group_size)[:, None]  # (N, 1)
-    return m / per_sequence / tokens_per_group.shape[0]  # (N, L)
-
-
-# beta(k) = beta_base * min(1, k / T_warm) * min(1, (T - k) / T_decay)          (Section 3.5.2)
-def beta_schedule(step: int, total_steps: int, beta: float, warmup_steps: int, decay_steps: int) -> float:
-    """Weight of the distillation term at training step k = step (1-based); a window of 0 is off.
-
-    With the paper's windows (50 up, 350 down, of 400) beta_base is reached at k = 50 only:
-    >>> [round(beta_schedule(k, 400, 1e-3, 50, 350), 6) for k in (1, 25, 50, 51, 200, 400)]
-    [2e-05, 0.0005, 0.001, 0.000997, 0.000571, 0.0]
-    """
-    warm = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
-    decay = min(1.0, (total_steps - step) / decay_steps) if decay_steps > 0 else 1.0
-    return beta * max(0.0, warm) * max(0.0, decay)
-
-
-# Per sampled token, log w = log p_t(y_t) - log pi_ref(y_t)              (Section 3.4, Appendix A.2)
-# UKL is the KL between unnormalised distributions; k2 and k3 are the names of Schulman's per-sample
-# KL estimators (k3 = exp(-log w) - 1 + log w, the kl_ref metric).
-#   urkl  0.5 (log w)^2           gradient  log w            UKL(pi_theta, pi_ref), "k2"
-#   ufkl  exp(-log w) + log w     gradient  1 - exp(-log w)  UKL(pi_ref, pi_theta), "k3" + 1
-#   fkl   exp(-log w)             gradient  -exp(-log w)     normalised forward KL
-#   rkl   0.5 (log w + 1)^2       gradient  log w + 1        normalised reverse KL
-# (gradient = d f / d log p_t(y_t), which then multiplies grad log p_t(y_t))
-def reference_kl(logp: Tensor, ref_logp: Tensor, mode: str) -> Tensor:
-    """Per-token reference-KL surrogate f(log w); any shape, ref_logp is treated as a constant.
-
-    >>> reference_kl(torch.tensor([-1.0]), torch.tensor([-2.0]), "urkl")
-    tensor([0.5000])
-    """
-    log_w = logp - ref_logp.detach()
-    if mode == "urkl":
-        return 0.5 * log_w**2
-    if mode == "ufkl":
-        return torch.exp(-log_w) + log_w
-    if mode == "fkl":
-        return torch.exp(-log_w)
-    if mode == "rkl":
-        return 0.5 * (log_w + 1) ** 2
-    raise ValueError(f"unknown kl mode {mode!r}; use urkl, ufkl, fkl or rkl")
-
-
-# Outcome term, per token. On-policy (Section 3.2): -SG[A] * log p_t(y_t). With several updates per
-# batch (Appendix A.3), rho = p_theta / p_rollout and the PPO clip with DAPO's dual clip:
-#   A >= 0: max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high));  A < 0: min(that, -A c)
-def policy_loss(logp: Tensor, old_logp: Tensor, A: Tensor, eps_low: float, eps_high: float, c: float) -> Tensor:
-    """logp, old_logp (n, L); A (n, 1) -> (n, L).
-
-    When logp == old_logp (one update per batch), rho = 1, nothing is clipped, and the gradient is
-    exactly -A * grad log p: plain REINFORCE with the group advantage.
-    """
-    rho = torch.exp(logp - old_logp.detach())  # (n, L)
-    pg = torch.maximum(-A * rho, -A * rho.clamp(1 - eps_low, 1 + eps_high))  # (n, L)
-    return torch.where(A < 0, torch.minimum(pg, -A * c), pg)  # (n, L)
-
-
-def sdpg_loss(logp: Tensor, old_logp: Tensor, kl_distill: Tensor | None, ref_logp: Tensor | None,
-              advantages: Tensor, weights: Tensor, beta_k: float, alpha: float, kl_mode: str,
-              clip_low: float = 0.2, clip_high: float = 0.28, clip_c: float = 10.0, gate: bool = True) -> Tensor:
-    # (the clip defaults are the released script's, as in Args; they act only when old_logp != logp)
-    """L_SDPG = L_out + beta(k) L_OPD+ + alpha L_K (Eq. 3.1) for a slice of the batch.
-
-    logp, old_logp, kl_distill, ref_logp, weights: (n, L); advantages: (n,). kl_distill None means
-    beta = 0 (no teacher), ref_logp None means alpha = 0 (no reference). gate=False distils every
-    answer (m_i = 1), as the authors' released script does.
-    """
-    A = advantages[:, None].detach()  # (n, 1), SG[A]
-    per_token = policy_loss(logp, old_logp, A, clip_low, clip_high, clip_c)  # (n, L)
-    rho = torch.exp(logp - old_logp).detach()  # (n, L), 1 when on-policy
-    if kl_distill is not None:
-        m = (A > 0).float() if gate else torch.ones_like(A)  # (n, 1), the gate m_i = 1[A_i > 0]  (Eq. 3.5)
-        per_token = per_token + beta_k * m * rho * kl_distill
-    if ref_logp is not None:
-        per_token = per_token + alpha * rho * reference_kl(logp, ref_logp, kl_mode)
-    return (weights * per_token).sum()
-
-
-# -----------------------------------------------------------------------------
-# One training step: sample, score, update.
-
-
-@dataclass
-class Rollouts:
-    """One step's batch, N = prompts x G rows, grouped contiguously."""
-    prompt_ids: Tensor  # (N, P) student prompts, left-padded
-    prompt_mask: Tensor  # (N, P)
-    teacher_ids: Tensor  # (N, Pc) teacher prompts (with privileged context), left-padded
-    teacher_mask: Tensor  # (N, Pc)
-    response_ids: Tensor  # (N, L) sampled ids
-    response_mask: Tensor  # (N, L) 1 up to and including the first stop token
-    rewards: Tensor  # (N,)
-    advantages: Tensor  # (N,)
-
-
-def collect_rollouts(sampler, tokenizer, examples: list[dict], args: Args, instruction: str, stop_ids: list[int],
-                     compute: Compute, templates: tuple[str, str] = DEFAULT_TEMPLATES,
-                     reward=math_reward) -> Rollouts:
-    """Samples G answers for each example in one generate call and scores them with the verifier `reward`; the
-    teacher's prompts carry the privileged context that --teacher-context names (privileged_contexts)."""
-    G = args.group_size
-    student = [encode_prompt(tokenizer, prompt_texts(ex, instruction, templates)[0]) for ex in examples
-               for _ in range(G)]  # N lists, G copies each
-    prompt_ids, prompt_mask = left_pad(student, tokenizer.pad_token_id, compute.device)  # (N, P)
-    sampler.eval()
-    with autocast(compute):
-        response_ids, response_mask = generate(sampler, prompt_ids, prompt_mask, args.max_new_tokens,
-                                               args.temperature, args.top_p, stop_ids, tokenizer.pad_token_id)
-    completions = decode_responses(tokenizer, response_ids, response_mask)
-    golds = [ex["answer"] for ex in examples for _ in range(G)]
-    correct = torch.tensor([reward(c, g) for c, g in zip(completions, golds)], device=compute.device)  # (N,)
-    # The teacher's prompts come after the verifier: the 'peer' context shows another right answer of the group.
-    contexts = privileged_contexts(examples, args.teacher_context, G, completions, correct.bool().tolist())
-    teacher = [encode_prompt(tokenizer, t) for t in teacher_texts(examples, instruction, templates[1], contexts, G)]
-    teacher_ids, teacher_mask = left_pad(teacher, tokenizer.pad_token_id, compute.device)  # (N, Pc)
-    rewards = shaped_reward(correct, response_mask.sum(dim=1), args.wrong_reward, args.max_new_tokens,
-                            args.overlong_buffer)  # (N,)
-    return Rollouts(prompt_ids, prompt_mask, teacher_ids, teacher_mask, response_ids, response_mask,
-                    rewards, group_advantages(rewards, G))
-
-
-class TokenTerms(NamedTuple):
-    """Per-token (n, L) terms of some rows of the batch; zeros at padding."""
-    logp: Tensor  # log p_t(y_t), student, with grad when grad is enabled
-    kl_distill: Tensor | None  # the distillation term (--distill-estimator) against the privileged teacher, or None
-    ref_logp: Tensor | None  # log pi_ref(y_t); None without the KL anchor
-    entropy: Tensor  # H(p_t), a metric
-    kl_exact: Tensor | None  # the exact KL(p_t || q_t), a metric (= kl_distill with the 'full' estimator)
-
-
-def score(model, ref_model, rb: Rollouts, rows: slice, use_teacher: bool, args: Args,
-          compute: Compute, teacher_model: nn.Module | None = None) -> TokenTerms:
-    """Student (with grad if enabled), teacher and reference terms for rows of the batch. teacher_model is the
-    model that reads the privileged prompt [default: `model` itself, SDPG's teacher]; ref_model gives the KL anchor
-    when --alpha > 0."""
-    mask = rb.response_mask[rows]  # (n, L)
-    targets = rb.response_ids[rows][mask.bool()]  # (M,) real response tokens, flattened
-    lm_head = model.get_output_embeddings()
-    teacher_model = model if teacher_model is None else teacher_model
-    # whole_root does nothing in one process; with --fsdp it gathers the embeddings and the output layer,
-    # which scoring calls directly (section "More than one process").
-    with autocast(compute), whole_root(model), whole_root(ref_model):
-        h_teacher = None
-        if use_teacher:
-            with torch.no_grad():  # the teacher (by default the current model) is a stop-gradient target
-                h_teacher = response_hidden_states(teacher_model, rb.teacher_ids[rows], rb.teacher_mask[rows],
-                                                   rb.response_ids[rows], mask)[mask.bool()]  # (M, H)
-        ref_logp = None
-        if ref_model is not None and args.alpha > 0:
-            with torch.no_grad():
-                h_ref = response_hidden_states(ref_model, rb.prompt_ids[rows], rb.prompt_mask[rows],
-                                               rb.response_ids[rows], mask)[mask.bool()]  # (M, H)
-                ref_logp = chunked_token_terms(h_ref, None, targets, ref_model.get_output_embeddings(),
-                                               args.temperature, args.chunk_size).logp  # (M,)
-                ref_logp = scatter_tokens(ref_logp, mask)  # (n, L)
-        h_student = response_hidden_states(model, rb.prompt_ids[rows], rb.prompt_mask[rows],
-                                           rb.response_ids[rows], mask)[mask.bool()]  # (M, H)
-        logp, kl, kl_exact, entropy = chunked_token_terms(
-            h_student, h_teacher, targets, lm_head, args.temperature, args.chunk_size,
-            teacher_model.get_output_embeddings(), args.distill_estimator, args.distill_topk)  # (M,) each
-    kl_distill, kl_exact = (scatter_tokens(kl, mask), scatter_tokens(kl_exact, mask)) if use_teacher else (None, None)
-    return TokenTerms(scatter_tokens(logp, mask), kl_distill, ref_logp, scatter_tokens(entropy, mask), kl_exact)
-
-
-# --teacher ema: after each optimiser step the teacher's weights move a (1 - rate) part of the way to the policy's,
-#   theta_teacher <- rate * theta_teacher + (1 - rate) * theta
-def ema_update(teacher: nn.Module, model: nn.Module, rate: float) -> None:
-    """Moves every parameter of `teacher` to rate * itself + (1 - rate) * the same parameter of `model`, in place."""
-    with torch.no_grad():
-        for t, p in zip(teacher.parameters(), model.parameters()):
-            t.lerp_(p.to(t.dtype), 1 - rate)
-
-
-def policy_update(model, ref_model, optimizer, scheduler, rb: Rollouts, beta_k: float, args: Args,
-                  compute: Compute, teacher_model: nn.Module | None = None) -> dict:
-    """--updates-per-batch optimiser steps on one batch of rollouts, micro-batched. teacher_model: the weights that
-    read the privileged prompt [default: `model`]; with --teacher ema it is the average, updated after each step."""
-    model.train()
-    N, G = rb.response_ids.shape[0], args.group_size
-    use_teacher = args.beta > 0
-    rollout_logp = None  # (N, L) the rollout policy's log-probs, for the ratio rho (Appendix A.3)
-    if args.updates_per_batch > 1:  # with one update the policy is still the rollout policy: rho = 1
-        with torch.no_grad():
-            rollout_logp = torch.cat([score(model, None, rb, slice(i, i + args.micro_batch), False, args,
-                                           compute).logp for i in range(0, N, args.micro_batch)])  # (N, L)
-    sums = dict(loss=0.0, kl_distill=0.0, kl_ref=0.0, entropy=0.0, grad_norm=0.0, skipped_updates=0)
-    per_update = N // args.updates_per_batch  # whole groups, checked in check_args()
-    for u in range(0, N, per_update):
-        mask = rb.response_mask[u:u + per_update]  # (n, L)
-        # (n, L); sum to 1 over the update (over all ranks': update_share is 1 in one process)
-        weights = token_weights(mask, G, args.loss_agg) * update_share(mask, args.loss_agg)
-        update_loss = 0.0
-        for i in range(u, u + per_update, args.micro_batch):
-            rows = slice(i, min(i + args.micro_batch, u + per_update))
-            logp, kl, ref_logp, entropy, kl_exact = score(model, ref_model, rb, rows, use_teacher, args, compute,
-                                                          teacher_model)
-            old_logp = logp.detach() if rollout_logp is None else rollout_logp[rows]
-            w = weights[rows.start - u:rows.stop - u]  # (n, L)
-            loss = sdpg_loss(logp, old_logp, kl, ref_logp, rb.advantages[rows], w, beta_k, args.alpha,
-                             args.kl_mode, args.clip_low, args.clip_high, args.clip_c, args.gate)
-            loss.backward()
-            update_loss += loss.item()
-            # Metrics, weighted like the loss over the whole batch (w / updates sums to 1 over everything).
-            w = w / args.updates_per_batch
-            sums["loss"] += loss.item() / args.updates_per_batch  # the mean over updates
-            sums["entropy"] += (w * entropy).sum().item()
-            if kl is not None:  # the exact KL, whichever estimator trains
-                sums["kl_distill"] += (w * kl_exact).sum().item()
-            if ref_logp is not None:  # k3 estimate of KL(pi_theta || pi_ref), >= 0 per token
-                log_w = (logp - ref_logp).detach()
-                sums["kl_ref"] += (w * (torch.exp(-log_w) - 1 + log_w)).sum().item()
-        all_reduce_gradients(model)  # every rank now holds the gradient of the global update (no-op in one process)
-        update_loss = global_sum({"loss": update_loss})["loss"]  # so that every rank skips the same updates
-        grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)).item()
-        sums["grad_norm"] += grad_norm / args.updates_per_batch
-        if math.isfinite(grad_norm) and math.isfinite(update_loss):
-            optimizer.step()
-            scheduler.step()
-            if args.teacher == "ema":
-                ema_update(teacher_model, model, args.ema_rate)
-        else:  # a NaN/inf would poison the weights and AdamW's moments for good: skip this update
-            sums["skipped_updates"] += 1
-        optimizer.zero_grad(set_to_none=True)
-    sums.update(global_sum({k: sums[k] for k in ("loss", "entropy", "kl_distill", "kl_ref")}))
-    sums["kl_distill"] = sums["kl_distill"] if use_teacher else None
-    sums["kl_ref"] = sums["kl_ref"] if ref_model is not None else None
-    return sums
-
-
-def build_optimizer(model: nn.Module, args: Args):
-    """AdamW with the paper's betas and a linear learning-rate warm-up, then constant."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.lr_warmup)))
-    return optimizer, scheduler
-
-
-def training_step(step: int, examples: list[dict], model, ref_model, sampler, tokenizer, optimizer, scheduler,
-                  stop_ids: list[int], args: Args, compute: Compute, templates: tuple[str, str], reward,
-                  teacher_model: nn.Module | None = None) -> dict:
-    """Training step k (1-based) on this rank's examples: sample G answers to each with the current
-    weights, score them with the verifier, update. Returns the step's metrics row (means over ranks)."""
-    t0 = time.time()
-    refresh_sampler(sampler, model)  # on-policy: the answers come from the weights being trained
-    rb = collect_rollouts(sampler, tokenizer, examples, args, args.instruction, stop_ids, compute, templates, reward)
-    beta_k = beta_schedule(step, args.steps, args.beta, args.beta_warmup, args.beta_decay)
-    sums = policy_update(model, ref_model, optimizer, scheduler, rb, beta_k, args, compute, teacher_model)
-    row = {"step": step, "reward_mean": rb.rewards.mean().item(), **sums, "beta": beta_k,
-           "gate_frac": (rb.advantages > 0).float().mean().item(),  # A > 0; with --no-gate all are distilled
-           "response_len": rb.response_mask.sum(1).float().mean().item(),
-           "lr": scheduler.get_last_lr()[0], "time_s": time.time() - t0}
-    row.update(global_mean({k: row[k] for k in ("reward_mean", "gate_frac", "response_len")}))
-    return row
-
-
-def count_bad_steps(bad_in_a_row: int, skipped_updates: int) -> int:
-    """Steps in a row with a skipped (NaN/inf) update; the third in a row stops the run."""
-    bad_in_a_row = bad_in_a_row + 1 if skipped_updates else 0
-    if bad_in_a_row >= 3:
-        raise SystemExit(f"error: the loss or gradient was NaN/inf in {bad_in_a_row} steps in a row (those "
-                         f"updates were skipped; the weights are intact). Try a lower --lr.")
-    return bad_in_a_row
 
 
 # -----------------------------------------------------------------------------

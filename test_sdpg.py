@@ -350,7 +350,7 @@ def test_teacher_scores_exactly_the_sampled_ids():
     args = sdpg.parse_args(["--model", "tiny", "--group-size", "3", "--max-new-tokens", "6"])
     examples = sdpg.toy_examples(2, seed=0)
     cpu = sdpg.Compute(torch.device("cpu"), False)
-    rb = sdpg.collect_rollouts(model, tok, examples, args, "", [tok.eos_token_id], cpu)
+    rb = sdpg.collect_rollouts(model, tok, examples, args, "", [tok.eos_token_id], cpu, sdpg.DEFAULT_TEMPLATES)
     # both prompts went through the chat template, the teacher's with the privileged context
     assert tok.decode(rb.prompt_ids[0][rb.prompt_mask[0].bool()]).startswith("user: ")
     teacher_text = tok.decode(rb.teacher_ids[0][rb.teacher_mask[0].bool()])
@@ -1249,7 +1249,7 @@ def _updates_with_a_spy(lr_warmup=1):
     cpu = sdpg.Compute(torch.device("cpu"), False)
     torch.manual_seed(0)
     rb = sdpg.collect_rollouts(model, tok, sdpg.toy_examples(4, seed=1), args, "", sdpg.stop_token_ids(model, tok),
-                               cpu)
+                               cpu, sdpg.DEFAULT_TEMPLATES)
     rb.advantages = sdpg.group_advantages(torch.tensor([1.0, 0, 0, 1, 1, 0, 0.5, 0]), 2)
     optimizer, scheduler = sdpg.build_optimizer(model, args)
     seen = []
