@@ -63,6 +63,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -76,7 +77,7 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import NamedTuple, TextIO, get_type_hints
+from typing import Iterator, NamedTuple, TextIO, get_type_hints
 
 import torch
 import torch.distributed as dist
@@ -181,10 +182,10 @@ def topk_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, k: int) -> T
     >>> round(topk_reverse_kl(s, t, 3).item(), 4) == round(full_vocab_reverse_kl(s, t).item(), 4)
     True
     """
+    if k >= student_logits.shape[-1]:  # no tail left: the full sum
+        return full_vocab_reverse_kl(student_logits, teacher_logits)
     logp = F.log_softmax(student_logits.float(), dim=-1)  # (..., V)
     logq = F.log_softmax(teacher_logits.detach().float(), dim=-1)  # (..., V)
-    if k >= logp.shape[-1]:
-        return (logp.exp() * (logp - logq)).sum(dim=-1)  # (...) no tail left: the full sum
     top = logp.detach().topk(k, dim=-1).indices  # (..., K) the student's likeliest tokens
     in_top = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, top, True)  # (..., V)
     lp_top, lq_top = logp.gather(-1, top), logq.gather(-1, top)  # (..., K)
@@ -1319,17 +1320,16 @@ READING_BATCH, READING_LR, READING_MAX_STEPS = 64, 3e-3, 2000
 READING_TARGET = 0.99  # stop once the teacher view repeats this fraction of a fixed probe of lessons
 
 
-def reading_lessons(n: int, seed: int) -> list[dict]:
-    """n examples {question, answer, solution} for pretrain_to_read: a random 2- or 3-digit question, a random
-    1- to 3-digit answer that no toy task gives for that question, no solution."""
+def reading_lessons(seed: int) -> Iterator[dict]:
+    """An endless stream of examples {question, answer, solution} for pretrain_to_read, the same for the same
+    seed: a random 2- or 3-digit question, a random 1- to 3-digit answer that no toy task gives for that
+    question, no solution."""
     rng = random.Random(seed)
-    lessons = []
-    while len(lessons) < n:
+    while True:
         question = "".join(rng.choices(string.digits, k=rng.choice((2, 3))))
         answer = "".join(rng.choices(string.digits, k=rng.choice((1, 2, 3))))
         if all(answer != task(question) for task in TOY_TASKS.values()) and answer != question:
-            lessons.append({"question": question, "answer": answer, "solution": ""})
-    return lessons
+            yield {"question": question, "answer": answer, "solution": ""}
 
 
 def reading_batch(tokenizer, lessons: list[dict]) -> tuple[Tensor, Tensor, Tensor]:
@@ -1352,14 +1352,14 @@ def pretrain_to_read(model: nn.Module, tokenizer, seed: int, max_steps: int = RE
     """Teaches the tiny model to repeat the answer its prompt states (reading_lessons), on the CPU, the same
     weights for the same seed. Stops once greedy answers to 128 probe lessons are READING_TARGET right, checked
     every 100 steps, at most max_steps steps of READING_BATCH lessons. Returns the steps taken."""
-    probe = reading_lessons(128, seed + 10_000)
+    probe = list(itertools.islice(reading_lessons(seed + 10_000), 128))
     probe_ids, probe_mask = left_pad([encode_prompt(tokenizer, prompt_texts(ex, "", TOY_TEMPLATES)[1]) for ex in probe],
                                      tokenizer.pad_token_id, torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=READING_LR, weight_decay=0.0)
-    lessons = reading_lessons(READING_BATCH * max_steps, seed)
+    lessons = reading_lessons(seed)  # drawn as needed: most runs stop long before max_steps
     for step in range(1, max_steps + 1):
         model.train()
-        ids, mask, labels = reading_batch(tokenizer, lessons[(step - 1) * READING_BATCH:step * READING_BATCH])
+        ids, mask, labels = reading_batch(tokenizer, list(itertools.islice(lessons, READING_BATCH)))
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
