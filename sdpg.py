@@ -1001,8 +1001,8 @@ class Args:
     model: str = _arg("Qwen2.5-0.5B", "Hub id (Qwen/Qwen2.5-0.5B), local directory, short name (a bare "
                       "'Qwen...' or 'SmolLM...' gets its organisation prefixed), 'tiny': a 2-layer Qwen2 "
                       "with a character tokenizer built in code, trained from scratch, no network needed, or "
-                      "'tiny-reader': the same model first taught to read its prompt (pretrain_to_read, about a "
-                      "minute on a CPU), so that the teacher's privileged context means something to it")
+                      "'tiny-reader': the same model first taught to read its prompt (pretrain_to_read, 10 to 40 s "
+                      "on a CPU), so that the teacher's privileged context means something to it")
     dataset: str | None = _arg(None, "'gsm8k' (openai/gsm8k, main), 'toy' (generated in code: the second digit of "
                                "a 2-digit number, easy: 1 draw in 10 is right at the start), 'toy-reverse' (a 3-digit "
                                "number reversed, hard: about 1 draw in 1,000 is right at the start), a local "
@@ -1032,7 +1032,8 @@ class Args:
                                         "out [default: TEACHER_TEMPLATE in sdpg.py, Fig. 4's content in our words] "
                                         "(paper: its Fig. 4; released script: taken to be the same)")
     group_size: int = _arg(8, "G, answers sampled per question (paper: 8)")
-    max_new_tokens: int | None = _arg(None, "longest sampled answer, in tokens [auto: 512; tiny 2] (paper: 4096)")
+    max_new_tokens: int | None = _arg(None, "longest sampled answer, in tokens [auto: 512; tiny 2, on toy-reverse "
+                                      "4] (paper: 4096)")
     temperature: float = _arg(1.0, "sampling temperature; every log-prob and KL uses it too, so p_t is the "
                               "distribution the answers were drawn from (paper: 1.0)")
     top_p: float = _arg(1.0, "nucleus sampling; below 1 the answers no longer come from p_t exactly, so "
