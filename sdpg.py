@@ -19,7 +19,7 @@ answer is right), like GRPO, and adds a dense per-token teacher that costs no se
   L_K: the KL anchor to the frozen initial model.)
 
 Run it:
-  python sdpg.py --model tiny --dataset toy     # offline demo on a laptop CPU, about a minute
+  python sdpg.py --model tiny --dataset toy     # offline demo on a laptop CPU, about half a minute
   python sdpg.py --model Qwen2.5-0.5B           # GSM8K on one GPU
   python sdpg.py --help                         # every setting, with the paper's values
 
@@ -151,15 +151,15 @@ def policy_loss(logp: Tensor, old_logp: Tensor, A: Tensor, eps_low: float, eps_h
 
 
 # Per token: policy_loss(rho, A) + beta(k) * m_i * SG[rho] * KL_t + alpha * SG[rho] * f(log w_t), weighted and
-# summed (Eq. 3.1). rho = p_theta(y_t) / p_rollout(y_t) is 1 with one update per batch; with several, the
-# distillation and the anchor are reweighted by SG[rho] like the outcome term (Appendix A.3).
+# summed (Eq. 3.1). The gate m_i = 1[A_i > 0] (Eq. 3.5) spends the dense pull on answers the outcome term rewards.
+# rho = p_theta(y_t) / p_rollout(y_t) is 1 with one update per batch; with several, the distillation and the
+# anchor are reweighted by SG[rho] like the outcome term (Appendix A.3).
 def sdpg_loss(logp: Tensor, old_logp: Tensor, kl_distill: Tensor | None, ref_logp: Tensor | None,
               advantages: Tensor, weights: Tensor, beta_k: float, alpha: float, kl_mode: str,
               clip_low: float = 0.2, clip_high: float = 0.28, clip_c: float = 10.0, gate: bool = True) -> Tensor:
     """L_SDPG = L_out + beta(k) L_OPD+ + alpha L_K (Eq. 3.1) for a slice of the batch. logp, old_logp,
     kl_distill, ref_logp, weights: (n, L); advantages: (n,). kl_distill None means no teacher (beta = 0), ref_logp
-    None no anchor (alpha = 0); gate=False distils every answer (m_i = 1). The clips act only if old_logp != logp.
-    """
+    None no anchor (alpha = 0); gate=False distils every answer (m_i = 1). The clips act only if old_logp != logp."""
     A = advantages[:, None].detach()  # (n, 1), SG[A]
     per_token = policy_loss(logp, old_logp, A, clip_low, clip_high, clip_c)  # (n, L)
     rho = torch.exp(logp - old_logp).detach()  # (n, L), 1 when on-policy
@@ -240,7 +240,7 @@ class ChunkTerms(NamedTuple):
 def _chunk_terms(h_student: Tensor, h_teacher: Tensor | None, targets: Tensor, lm_head: nn.Module,
                  teacher_head: nn.Module, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk of chunked_token_terms: the hidden states (C, H) of its C tokens -> the three (C,) ChunkTerms."""
-    logits = lm_head(h_student).float() / temperature  # (C, V), the only place (C, V) logits live
+    logits = lm_head(h_student).float() / temperature  # (C, V) at the T that drew the answers; only here
     lse = torch.logsumexp(logits, dim=-1)  # (C,)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (C,) log p_t(y_t)
     with torch.no_grad():  # a metric only: no autograd buffers for it
@@ -282,6 +282,10 @@ def scatter_tokens(values: Tensor, mask: Tensor) -> Tensor:
 # -----------------------------------------------------------------------------
 # 3. One training step: sample G answers per question, grade them, score the three views, update.
 
+# The paper's optimiser settings (also the released script's): AdamW's weight decay, the learning-rate warm-up
+# in optimiser steps, the gradient-norm clip, PPO's lower clip and DAPO's dual-clip bound c.
+WEIGHT_DECAY, LR_WARMUP, MAX_GRAD_NORM, CLIP_LOW, CLIP_C = 0.1, 10, 1.0, 0.2, 10.0
+
 
 class Models(NamedTuple):
     """The weights of a run: ONE policy, read through two prompts, and a frozen copy of where it started."""
@@ -313,8 +317,8 @@ def answer_and_grade(model: nn.Module, tokenizer, stop_ids: list[int], texts: li
     ids, mask = left_pad([encode_prompt(tokenizer, t) for t in texts], tokenizer.pad_token_id, model.device)  # (N, P)
     model.eval()
     with autocast(model.device):
-        response_ids, response_mask = generate(model, ids, mask, max_new_tokens, temperature, 1.0, stop_ids,
-                                               tokenizer.pad_token_id)  # (N, L) each
+        response_ids, response_mask = generate(model, ids, mask, max_new_tokens, temperature, top_p=1.0,
+                                               stop_ids=stop_ids, pad_id=tokenizer.pad_token_id)  # (N, L) each
     said = decode_responses(tokenizer, response_ids, response_mask)
     correct = torch.tensor([math_reward(text, gold) for text, gold in zip(said, golds)], device=model.device)  # (N,)
     return ids, mask, response_ids, response_mask, correct
@@ -410,7 +414,7 @@ def policy_update(m: Models, optimizer, scheduler, rb: Rollouts, beta_k: float, 
 def build_optimizer(model: nn.Module, args: Args):
     """AdamW with the paper's betas and weight decay, and a linear learning-rate warm-up, then constant."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / LR_WARMUP))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, w=LR_WARMUP: min(1.0, (s + 1) / w))
     return optimizer, scheduler
 
 
@@ -444,10 +448,6 @@ PRESETS = {
                  micro_batch=128, eval_every=50, eval_n=100, save_every=0, instruction=""),
 }
 
-# The paper's optimiser settings (also the released script's): AdamW's weight decay, the learning-rate warm-up
-# in optimiser steps, the gradient-norm clip, PPO's lower clip and DAPO's dual-clip bound c.
-WEIGHT_DECAY, LR_WARMUP, MAX_GRAD_NORM, CLIP_LOW, CLIP_C = 0.1, 10, 1.0, 0.2, 10.0
-
 
 def _arg(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -478,7 +478,7 @@ class Args:
     kl_mode: str = _arg("urkl", "the anchor's surrogate (Appendix A.2): urkl (released), ufkl (best in the paper)",
                         choices=("urkl", "ufkl", "fkl", "rkl"))
     updates_per_batch: int = _arg(1, "optimiser steps per batch of rollouts, clipped (Appendix A.3) (released: 8)")
-    clip_high: float = _arg(0.2, "PPO's upper clip eps_high, when --updates-per-batch > 1 (released: 0.28)")
+    clip_high: float = _arg(0.28, "PPO's upper clip, when --updates-per-batch > 1 (released; paper's baselines 0.2)")
     loss_agg: str = _arg("group", "'group' (Eq. 3.4) or 'token-mean' over the update (released)",
                          choices=("group", "token-mean"))
     wrong_reward: float = _arg(0.0, "reward of a wrong answer, a right one gets 1 (released: -1)")
@@ -513,11 +513,14 @@ def parse_args(argv: list[str] | None = None) -> Args:
                  "eval_n", "temperature"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if min(args.eval_samples, args.beta, args.alpha, args.overlong_buffer) < 0 or args.group_size < 2 or \
-            args.overlong_buffer > args.max_new_tokens or args.batch_prompts % args.updates_per_batch:
-        raise SystemExit("error: --eval-samples, --beta and --alpha must be >= 0, --group-size >= 2 (one answer has "
-                         "no group std), --overlong-buffer within --max-new-tokens, and --batch-prompts a multiple of "
-                         "--updates-per-batch (an update takes whole groups)")
+    for bad, message in ((min(args.eval_samples, args.beta, args.alpha) < 0, "--eval-samples, --beta, --alpha: >= 0"),
+                         (args.group_size < 2, "--group-size must be >= 2: one answer per question has no group std"),
+                         (not 0 <= args.overlong_buffer <= args.max_new_tokens, "--overlong-buffer: 0 to "
+                          "--max-new-tokens"),
+                         (args.batch_prompts % args.updates_per_batch, "--batch-prompts must be a multiple of "
+                          "--updates-per-batch: an update takes whole groups")):
+        if bad:
+            raise SystemExit(f"error: {message}")
     return args
 
 
@@ -818,8 +821,8 @@ def checkpoints(output_dir: str) -> list[str]:  # complete checkpoint-STEP direc
 
 
 def prepare_output_dir(args: Args) -> str | None:
-    """A new --output-dir starts a run; the same command run again continues it from its newest checkpoint (or its
-    start), and -> that checkpoint. A finished run, or a run with other settings, is refused."""
+    """A new --output-dir starts a run; the same command run again (--steps may differ) continues it from its newest
+    checkpoint (or its start) -> that checkpoint. A finished run, or one with other settings, is refused."""
     config = os.path.join(args.output_dir, "config.json")
     if not os.path.isfile(config):
         os.makedirs(args.output_dir, exist_ok=True)
@@ -827,7 +830,7 @@ def prepare_output_dir(args: Args) -> str | None:
     if os.path.isdir(os.path.join(args.output_dir, "final")):
         raise SystemExit(f"error: {args.output_dir} holds a finished run; choose another --output-dir")
     saved = json.load(open(config))
-    differ = [k for k, v in dataclasses.asdict(args).items() if saved.get(k) != v]
+    differ = [k for k, v in dataclasses.asdict(args).items() if saved.get(k) != v and k != "steps"]  # may grow
     if differ:
         raise SystemExit(f"error: {args.output_dir} holds a run with other settings (--{differ[0].replace('_', '-')} "
                          f"{saved.get(differ[0])!r}); give its flags to continue it, or another --output-dir")

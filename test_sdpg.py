@@ -11,14 +11,12 @@ import contextlib
 import copy
 import dataclasses
 import doctest
-import itertools
 import json
 import math
 import os
 import pathlib
 import random
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +40,12 @@ sys.path.insert(0, os.path.join(HERE, "benchmarks"))  # the benchmark scripts' f
 def tiny():
     tok = sdpg.build_char_tokenizer()
     return sdpg.build_tiny_model(tok, seed=0), tok
+
+
+def _models(model, tok, reference=None, teacher=None, stop_ids=None):
+    """The Models of a run on the CPU: the policy samples itself, and teaches unless a teacher is given."""
+    return sdpg.Models(model, reference, model if teacher is None else teacher, model, tok,
+                       [tok.eos_token_id] if stop_ids is None else stop_ids)
 
 
 # -----------------------------------------------------------------------------
@@ -108,7 +112,7 @@ def test_chunked_terms_equal_unchunked_values_and_gradients():
     def run(chunk):
         head.zero_grad()
         hs = hs0.clone().requires_grad_(True)
-        logp, kl, _, ent = sdpg.chunked_token_terms(hs, ht, y, head, T, chunk)
+        logp, kl, ent = sdpg.chunked_token_terms(hs, ht, y, head, T, chunk)
         (logp * torch.linspace(-1, 1, M) + kl).sum().backward()
         return logp.detach(), kl.detach(), ent, hs.grad.clone(), head.weight.grad.clone()
 
@@ -138,7 +142,7 @@ def test_chunked_terms_keep_a_partial_last_chunk(M):
     def run(chunk):
         head.zero_grad()
         hs = hs0.clone().requires_grad_(True)
-        logp, kl, _, ent = sdpg.chunked_token_terms(hs, ht, y, head, 1.0, chunk)
+        logp, kl, ent = sdpg.chunked_token_terms(hs, ht, y, head, 1.0, chunk)
         (logp * torch.arange(1.0, M + 1) + kl).sum().backward()
         return logp.detach(), kl.detach(), ent, hs.grad.clone(), head.weight.grad.clone()
 
@@ -339,9 +343,11 @@ def test_scored_logprobs_equal_the_sampling_distribution(tiny):
 
 
 def _chat_tokenizer():
+    """The character tokenizer with a chat template and without its mark: it takes the default templates."""
     tok = sdpg.build_char_tokenizer()
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}assistant: {% endif %}")
+    del tok.init_kwargs[sdpg.CHAR_TOKENIZER_MARK]
     return tok
 
 
@@ -350,8 +356,7 @@ def test_teacher_scores_exactly_the_sampled_ids():
     model = sdpg.build_tiny_model(tok, seed=1)
     args = sdpg.parse_args(["--model", "tiny", "--group-size", "3", "--max-new-tokens", "6"])
     examples = sdpg.toy_examples(2, seed=0)
-    cpu = sdpg.Compute(torch.device("cpu"), False)
-    rb = sdpg.collect_rollouts(model, tok, examples, args, "", [tok.eos_token_id], cpu, sdpg.DEFAULT_TEMPLATES)
+    rb = sdpg.collect_rollouts(_models(model, tok), examples, args)
     # both prompts went through the chat template, the teacher's with the privileged context
     assert tok.decode(rb.prompt_ids[0][rb.prompt_mask[0].bool()]).startswith("user: ")
     teacher_text = tok.decode(rb.teacher_ids[0][rb.teacher_mask[0].bool()])
@@ -530,27 +535,26 @@ def test_decode_step_never_waits_on_the_host():
     from transformers import Qwen2Config
 
     model = _decoder_model(Qwen2Config)
-    state = sdpg.new_decode_state(model, 3, 64, [1], 0)
+    state = sdpg.decode_state_for(model, 3, 64, 0.7, [1], 0)
     step = torch.compile(sdpg.decode_step, fullgraph=True, backend="eager")
     with torch.no_grad():
         step(model, state, 0.7)
     assert state.column.item() == 1 and state.position.tolist() == [1, 1, 1]
 
 
-def test_top_p_and_unsupported_models_fall_back_to_transformers_generate(capsys, monkeypatch):
+def test_top_p_and_unsupported_models_fall_back_to_transformers_generate():
     from transformers import GPT2Config, Qwen2Config
 
-    monkeypatch.setattr(sdpg, "_NOTICES", set())
     ids, mask = _random_prompts([4, 2])
     torch.manual_seed(0)
-    answers, _ = sdpg.generate(_decoder_model(Qwen2Config), ids, mask, 5, 1.0, 0.9, [1], 0)
-    assert answers.shape[0] == 2 and "--top-p below 1" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="top_p below 1"):
+        answers, _ = sdpg.generate(_decoder_model(Qwen2Config), ids, mask, 5, 1.0, 0.9, [1], 0)
+    assert answers.shape[0] == 2
     gpt2 = _decoder_model(lambda **kw: GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, vocab_size=97,
                                                   pad_token_id=0, eos_token_id=1, bos_token_id=None))
     assert "gpt2" in sdpg.fast_decoding_unsupported(gpt2)
-    sdpg.generate(gpt2, ids, mask, 5, 0.0, 1.0, [1], 0)
-    sdpg.generate(gpt2, ids, mask, 5, 0.0, 1.0, [1], 0)
-    assert capsys.readouterr().out.count("model type 'gpt2'") == 1  # one line, once
+    with pytest.warns(UserWarning, match="model type 'gpt2'"):
+        sdpg.generate(gpt2, ids, mask, 5, 0.0, 1.0, [1], 0)
 
 
 def test_transformers_generate_ignores_the_models_generation_config():
@@ -598,9 +602,11 @@ def test_help_reads_like_documentation():
     for flag in ("--model", "--dataset", "--steps", "--group-size", "--batch-prompts", "--max-new-tokens",
                  "--temperature", "--lr", "--beta", "--beta-warmup", "--beta-decay", "--alpha", "--kl-mode",
                  "--updates-per-batch", "--seed", "--output-dir", "--eval-every", "--eval-n", "--save-every",
-                 "--device"):
+                 "--teacher", "--gate", "--no-gate", "--loss-agg", "--clip-high", "--eval-samples"):
         assert flag in out.stdout
-    assert "paper: 1e-3" in out.stdout
+    assert "paper: 1e-3" in out.stdout and "released: -1" in out.stdout
+    fields = [f.name for f in dataclasses.fields(sdpg.Args)]
+    assert len(fields) <= 30 and all(f.metadata["help"] for f in dataclasses.fields(sdpg.Args))
 
 
 def test_presets_and_short_names():
@@ -613,19 +619,39 @@ def test_presets_and_short_names():
     example = {"question": "2+2?", "answer": "4", "solution": ""}
     assert sdpg.prompt_texts(example, c.instruction)[0] == "2+2?\nAnswer briefly."
     assert sdpg.parse_args(["--model", "x", "--instruction", ""]).instruction == ""
-    assert sdpg.resolve_model_name("Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
-    assert sdpg.resolve_model_name("someone/model") == "someone/model"
+
+
+def test_a_tiny_model_saved_by_sdpg_is_tiny_again(tiny, tmp_path):
+    """A saved tiny model (the tiny reader, a final/ directory) takes the tiny presets, its character tokenizer
+    back (AutoTokenizer would read its qwen2 config and return a Qwen2Tokenizer that loses case and spaces) and
+    the short teacher template; a chat model's tokenizer takes the default one."""
+    model, tok = tiny
+    sdpg.save_checkpoint(model, tok, str(tmp_path / "ck"))
+    args = sdpg.parse_args(["--model", str(tmp_path / "ck")])
+    assert (args.dataset, args.lr, args.max_new_tokens, args.instruction) == ("toy", 3e-3, 2, "")
+    loaded_model, loaded = sdpg.load_model(str(tmp_path / "ck"), seed=0)
+    for text in ("Q: 47\nA: 7", "Mixed Case,  two spaces\n\nand (brackets) + $5%?"):
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert loaded(text, add_special_tokens=False).input_ids == ids and len(ids) == len(text)
+        assert loaded.decode(ids) == tok.decode(ids) == text.lower()
+    assert sdpg.templates_for(loaded) == sdpg.templates_for(tok) == sdpg.TOY_TEMPLATES
+    assert sdpg.templates_for(_chat_tokenizer()) == sdpg.DEFAULT_TEMPLATES
 
 
 def test_dataset_rows_and_gsm8k_context(tmp_path):
-    row = sdpg.normalise_row({"question": "q", "answer": "2 * 3 = <<2*3=6>>6 apples\n#### 1,006"}, "row 0")
-    assert row == {"question": "q", "answer": "1006", "solution": "2 * 3 = 6 apples"}
-    with pytest.raises(SystemExit, match="row 3 has no 'answer'"):
-        sdpg.normalise_row({"question": "q"}, "row 3")
     path = tmp_path / "d.jsonl"
-    path.write_text("".join(json.dumps({"question": f"what is {i}+1?", "answer": str(i + 1)}) + "\n" for i in range(6)))
+    rows = [{"question": f"what is {i}+1?", "answer": str(i + 1)} for i in range(6)]
+    rows[1] = {"question": "q", "answer": "2 * 3 = <<2*3=6>>6 apples\n#### 1,006", "solution": ""}
+    rows[2]["solution"] = "add one"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     train, held_out = sdpg.load_examples(str(path), eval_n=2, seed=0)
     assert len(train) == 4 and [e["answer"] for e in held_out] == ["5", "6"]
+    assert train[1] == {"question": "q", "answer": "1006", "solution": "2 * 3 = 6 apples"}  # GSM8K's layout
+    assert train[2] == {"question": "what is 2+1?", "answer": "3", "solution": "add one"}
+    assert train[0]["solution"] == "" and held_out[0]["solution"] == ""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"question": "q", "solution": "s"}]))
+    with pytest.raises(SystemExit, match="row 6 needs a 'question' and an 'answer'"):
+        sdpg.load_examples(str(path), eval_n=1, seed=0)
 
 
 def _rows(path):
@@ -645,7 +671,7 @@ def test_one_training_step_changes_weights_and_writes_metrics(tmp_path):
                 "response_len", "lr", "time_s"):
         assert key in rows[1] and math.isfinite(rows[1][key]), key
     # Values by hand. beta(k) = 0.5 min(1, (T - k) / T_decay) with T = 2 and T_decay = round(2 * 7 / 8) = 2;
-    # lr is the rate after the step's 2 optimiser steps: 3e-3 min(1, (2k + 1) / 10) with --lr-warmup 10.
+    # lr is the rate after the step's 2 optimiser steps: 3e-3 min(1, (2k + 1) / 10) with LR_WARMUP 10.
     assert [r["beta"] for r in rows[1:]] == pytest.approx([0.25, 0.0], abs=1e-12)
     assert [r["lr"] for r in rows[1:]] == pytest.approx([3e-3 * 3 / 10, 3e-3 * 5 / 10], rel=1e-9)
     for r in rows[1:]:  # 16 answers of at most 2 tokens; group advantages > 0 only where a group has a right answer
@@ -684,207 +710,6 @@ def test_gradient_checkpointing_changes_memory_not_results(tmp_path, monkeypatch
     assert [r["step"] for r in plain] == [r["step"] for r in ckpt] == [0, 1, 2]
     for a, b in zip(plain, ckpt, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
-
-
-def test_benchmark_smoke(tmp_path):
-    """The benchmark runs end to end at the tiny shape and writes every row with finite, positive numbers."""
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, os.path.join(HERE, "benchmarks", "bench_sdpg.py"), "--shape", "tiny", "--device", "cpu",
-           "--prompt-len", "8", "--context-len", "8", "--response-len", "16", "--steps", "1",
-           "--rollout-answers", "8", "16", "--rollout-tokens", "4", "8", "--rollout-prompt-lens", "3", "9",
-           "--baseline-max-tokens", "4", "--jitter", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| step | mode | grad ckpt |" in proc.stdout and "ms per decoding step" in proc.stdout
-    result = json.loads(out.read_text())
-    assert result["meta"]["shape"] == "tiny" and "--shape tiny" in result["meta"]["command"]
-    rows = result["rows"]
-    positive = lambda x: isinstance(x, float) and math.isfinite(x) and x > 0  # noqa: E731
-
-    updates = {(r["mode"], r["grad_ckpt"]): r for r in rows if r["kind"] == "update"}
-    assert set(updates) == {("GRPO", False), ("GRPO", True), ("SDPG", False), ("SDPG", True)}
-    (whole,) = [r for r in rows if r["kind"] == "whole_step"]
-    for r in [*updates.values(), whole]:
-        assert positive(r["time_s"]) and positive(r["peak_gib"]), r
-    assert positive(whole["first_step_s"])
-    ratios = [r for r in rows if r["kind"] == "update_ratio"]
-    assert sorted(r["grad_ckpt"] for r in ratios) == [False, True]
-    assert all(positive(r["time_ratio"]) for r in ratios)
-
-    # sdpg.generate at every shape; model.generate only up to --baseline-max-tokens; prompts left-padded
-    rollouts = {(r["sampler"], r["answers"], r["max_new_tokens"]): r for r in rows if r["kind"] == "rollout"}
-    assert set(rollouts) == {("sdpg.generate", n, t) for n in (8, 16) for t in (4, 8)} | \
-        {("model.generate", n, 4) for n in (8, 16)}
-    for (_, n, t), r in rollouts.items():
-        assert 1 <= r["new_tokens"] <= t and r["prompt_len"] <= 9, r
-        assert positive(r["ms_per_step"]) and r["tokens_per_s"] == pytest.approx(n * r["new_tokens"] / r["time_s"])
-    speedups = {(r["answers"], r["new_tokens"]) for r in rows if r["kind"] == "rollout_ratio"
-                and positive(r["throughput_ratio"])}
-    assert speedups == {(8, 4), (16, 4)}
-    assert len([r for r in rows if r["kind"] == "decode_setup"]) == 4
-    jitter = [r for r in rows if r["kind"] == "jitter"]
-    assert sorted((r["answers"], r["gc"]) for r in jitter) == [(8, "off"), (8, "on"), (16, "off"), (16, "on")]
-    assert all(r["new_tokens"] == 4 and 0 < r["median_ms"] <= r["max_ms"] for r in jitter)
-
-
-def test_decode_check_passes_on_the_cpu(tmp_path):
-    """benchmarks/decode_check.py, the GPU checks of the decoding loop, runs and passes at the tiny shape."""
-    out = tmp_path / "check.json"
-    cmd = [sys.executable, os.path.join(HERE, "benchmarks", "decode_check.py"), "--answers", "8", "--new-tokens", "12",
-           "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT)
-    assert proc.returncode == 0 and "FAIL" not in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads(out.read_text())
-    assert result["greedy answers equal model.generate's"] and result["rows_equal_to_model_generate"] == 1.0
-
-
-def test_decode_step_clock_times_every_step_and_changes_nothing():
-    """benchmarks/decode_step_times.py's clock: one timestamp per new token, the same answers as without it."""
-    import decode_step_times as dst
-    torch.manual_seed(0)
-    model, _, _, stop_ids = dst.bench_sdpg.build_model("tiny", torch.device("cpu"))
-    ids = torch.randint(0, stop_ids[0], (3, 5))
-    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
-                    eos_token_id=stop_ids, pad_token_id=0)
-    clock = dst.StepClock()
-    start = time.perf_counter()
-    timed = model.generate(input_ids=ids, logits_processor=[clock], **settings)
-    end = time.perf_counter()
-    assert torch.equal(timed, model.generate(input_ids=ids, **settings))
-    assert timed.shape[1] - 5 == 10 and len(clock.times) == 10
-    # read during the call, from the clock the script subtracts from (another clock, or times kept from
-    # an earlier call, would give meaningless step times)
-    assert start < clock.times[0] and clock.times[-1] < end
-
-
-def test_sampling_dtype_smoke(tmp_path):
-    """benchmarks/sampling_dtype.py runs at the tiny shape: both kinds of weights, every repeat, positive times."""
-    out = tmp_path / "sd.json"
-    cmd = [sys.executable, os.path.join(HERE, "benchmarks", "sampling_dtype.py"), "--answers", "2", "3",
-           "--repeats", "3", "--new-tokens", "4", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| 3 | bf16 copy |" in proc.stdout
-    results = json.loads(out.read_text())["results"]
-    assert set(results) == {"2", "3"}
-    for rows in results.values():
-        assert set(rows) == {"float32 weights", "bf16 copy"}
-        for r in rows.values():
-            assert len(r["runs"]) == 3 and all(x > 0 for x in r["runs"])
-            # the summary is of these runs (a mean called median, or the first run called min, fails)
-            assert (r["min"], r["median"], r["max"]) == (min(r["runs"]), statistics.median(r["runs"]), max(r["runs"]))
-
-
-def test_compare_harness_smoke(tmp_path):
-    out = tmp_path / "cmp"
-    compare = [sys.executable, os.path.join(HERE, "benchmarks", "compare.py"), "--out", str(out), "--seeds", "0"]
-    cmd = [*compare, "--jobs", "2", "--variants", "sdpg-urkl", "beta0-alpha0", "--", "--model", "tiny", "--steps", "3",
-           "--eval-n", "8"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"sdpg-urkl", "beta0-alpha0"}
-    assert all(0.0 <= s[0]["final_eval"] <= 1.0 for s in summary.values())
-    # the ablation really ran without the teacher and the anchor
-    rows = _rows(out / "beta0-alpha0" / "seed0" / "metrics.jsonl")
-    assert rows[1]["kl_distill"] is None and rows[1]["kl_ref"] is None
-    # the final evaluation, redone from the saved model, gives the logged accuracy (checked by the script)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "benchmarks", "unseen_accuracy.py"), str(out)],
-                          capture_output=True, text=True, timeout=HANG_TIMEOUT)
-    assert proc.returncode == 0 and "| sdpg-urkl/seed0 |" in proc.stdout, proc.stderr[-2000:]
-    # a rerun reuses finished runs with the same settings and refuses ones made with other settings
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_TIMEOUT)
-    assert proc.returncode == 0 and proc.stdout.count("reusing the finished run") == 2, proc.stderr[-2000:]
-    proc = subprocess.run([*cmd, "--lr", "1e-4"], capture_output=True, text=True, timeout=HANG_TIMEOUT)
-    assert proc.returncode != 0 and "made with other settings" in proc.stderr, proc.stderr[-2000:]
-    # a failing run stops the harness with sdpg.py's own message and names the run
-    proc = subprocess.run([*compare, "--variants", "beta0", "--", "--model", "tiny", "--steps", "0"],
-                          capture_output=True, text=True, timeout=HANG_TIMEOUT)
-    assert proc.returncode != 0 and "beta0/seed0 failed" in proc.stderr and "--steps must be positive" in proc.stderr
-
-
-def test_compare_variant_names_and_threshold():
-    from compare import summarise, variant_flags
-
-    assert variant_flags("beta0-alpha0") == ["--beta", "0", "--alpha", "0"]
-    assert variant_flags("sdpg-ufkl-beta0.1") == ["--kl-mode", "ufkl", "--beta", "0.1"]
-    for bad in ("sdpg", "beta0-beta1", "sdpg-urkl-betax"):
-        with pytest.raises(Exception, match="unknown variant"):
-            variant_flags(bad)
-    # a lucky first step must not count: the first full 3-step mean >= 0.5 is at step 6 (0.2, 0.6, 0.8)
-    rewards = [1.0, 0.0, 0.0, 0.2, 0.6, 0.8]
-    rows = [{"step": 0, "eval_accuracy": 0.1}] + [{"step": i + 1, "reward_mean": r, "entropy": 2.0 - r}
-                                                  for i, r in enumerate(rewards)]
-    rows[-1]["eval_accuracy"] = 0.4
-    s = summarise(rows, threshold=0.5, window=3)
-    assert s["steps_to_threshold"] == 6 and s["first_eval"] == 0.1 and s["final_eval"] == 0.4
-    assert s["final_reward"] == pytest.approx(statistics.mean(rewards[-3:]))
-    assert s["final_entropy"] == pytest.approx(2.0 - statistics.mean(rewards[-3:]))
-
-
-def test_compare_plot_mean_and_spread_over_seeds():
-    """The comparison figure's line is the mean over seeds and its band the lowest to highest seed, at the
-    steps every seed logged (guards a band drawn from one seed, or a mean over misaligned steps)."""
-    from compare import mean_and_spread
-
-    seeds = [[(0, 0.1), (10, 0.5), (20, 0.9)], [(0, 0.3), (10, 0.1)], [(0, 0.2), (10, 0.3), (20, 0.0)]]
-    steps, mean, low, high = mean_and_spread(seeds)
-    assert steps == [0, 10]  # step 20 is missing from the second seed
-    assert mean == pytest.approx([0.2, 0.3]) and low == [0.1, 0.1] and high == [0.3, 0.5]
-
-
-def test_distill_study_summary_and_figure_from_metrics_rows(tmp_path):
-    """The study's per-run summary: the first evaluation reaching the stated accuracy, the final student and
-    teacher accuracies, the gate's mean share; the figure redraws from the summary.json it writes."""
-    import distill_study
-
-    def rows(accuracies, teacher):
-        out = [{"step": 0, "eval_accuracy": accuracies[0], **({"eval_teacher_accuracy": 1.0} if teacher else {})}]
-        for step, acc in enumerate(accuracies[1:], start=1):
-            out.append({"step": step, "reward_mean": acc, "gate_frac": 0.25, "time_s": 0.1,
-                        "kl_distill": 0.5 if teacher else None, "eval_accuracy": acc,
-                        **({"eval_teacher_accuracy": 1.0 - acc} if teacher else {})})
-        return out
-
-    s = distill_study.summarise(rows([0.0, 0.2, 0.6, 0.4], teacher=True), reach=0.5)
-    assert s["steps_to_reach"] == 2 and s["final_accuracy"] == 0.4 and s["initial_teacher_accuracy"] == 1.0
-    assert s["final_teacher_accuracy"] == pytest.approx(0.6) and s["mean_gate_frac"] == 0.25
-    assert distill_study.summarise(rows([0.0, 0.1], teacher=False), reach=0.5)["steps_to_reach"] is None
-    run = lambda seed, name: distill_study.summarise(rows([0.0, 0.1 * seed, 0.3], name != "grpo"), 0.5)  # noqa: E731
-    results = {task: {name: [{"seed": seed, "summary": run(seed, name)} for seed in (0, 1)]
-                      for name in ("grpo", "teacher-reference")} for task in ("toy", "toy-reverse")}
-    table = distill_study.table(results, 0.5, None)
-    assert "| teacher-reference | 0.00 (0.00-0.00) | 1.00 (1.00-1.00) | 0.30 (0.30-0.30) |" in table
-    pytest.importorskip("matplotlib", reason="the figure needs matplotlib")
-    summary = tmp_path / "summary.json"
-    summary.write_text(json.dumps({"results": {t: {n: [{"seed": x["seed"], **x["summary"]} for x in runs]
-                                                   for n, runs in by.items()} for t, by in results.items()}}))
-    subprocess.run([sys.executable, os.path.join(HERE, "benchmarks", "distill_study.py"), "--figure-from",
-                    str(summary), "--results", str(tmp_path)], check=True, timeout=HANG_TIMEOUT)
-    assert (tmp_path / "curves.png").stat().st_size > 10_000
-
-
-def test_unseen_accuracy_knows_the_training_questions(tmp_path, monkeypatch):
-    from unseen_accuracy import questions_met
-
-    trained, collect = [], sdpg.collect_rollouts
-    monkeypatch.setattr(sdpg, "collect_rollouts", lambda s, t, examples, *a: (trained.extend(examples),
-                                                                             collect(s, t, examples, *a))[1])
-    argv = ["--model", "tiny", "--dataset", "toy", "--steps", "4", "--batch-prompts", "3", "--eval-every", "0",
-            "--seed", "5", "--output-dir", str(tmp_path / "run")]
-    sdpg.main(argv)
-    train, _ = sdpg.load_examples("toy", 8, 5)
-    assert len(trained) == 12 and questions_met(train, sdpg.parse_args(argv)) == {ex["question"] for ex in trained}
-
-
-def test_generated_word_problems_are_right():
-    from prepare_smollm2 import make_problems
-
-    problems = make_problems(200, seed=0)
-    assert len({p["question"] for p in problems}) > 150
-    for p in problems:
-        assert math_reward(p["solution"], p["answer"]) == 1.0, p
-        assert p["answer"] not in p["question"].split()
 
 
 def _demo(tmp_path, extra=()):
@@ -1019,8 +844,8 @@ def test_mean_at_k_averages_each_questions_k_answers(tiny, monkeypatch):
     said = ["2", "2", "9", "4", "0", "0", "1", "6", "1"]  # row j: question j // 3, sample j % 3
     calls = []
     monkeypatch.setattr(sdpg, "generate", _fake_generate(tok, said, calls))
-    acc = sdpg.evaluate(model, tok, examples, "", [tok.eos_token_id], 2, 4, sdpg.Compute(torch.device("cpu"), False),
-                        samples=3, temperature=0.7)
+    args = sdpg.parse_args(["--model", "tiny", "--batch-prompts", "2", "--group-size", "2"])  # batches of 4
+    acc = sdpg.evaluate(model, tok, [tok.eos_token_id], examples, args, samples=3, temperature=0.7)
     assert acc == pytest.approx([2 / 3, 1 / 3, 1 / 3])
     assert calls == [(4, 0.7), (4, 0.7), (1, 0.7)]  # K copies of each question, sampled at T
 
@@ -1040,97 +865,12 @@ def test_mean_at_k_at_k1_t0_equals_greedy_accuracy(tiny, monkeypatch):
     held_out = sdpg.toy_examples(12, seed=4)
     greedy = [float(int(ex["question"]) % 2 == 0) for ex in held_out]  # by hand
     args = sdpg.parse_args(["--model", "tiny", "--batch-prompts", "2", "--group-size", "2", "--eval-samples", "1",
-                            "--eval-temperature", "0"])
-    row = sdpg.evaluation_metrics(model, tok, held_out, "", sdpg.DEFAULT_TEMPLATES, [tok.eos_token_id], args,
-                                  sdpg.Compute(torch.device("cpu"), False))
+                            "--beta", "0"])
+    args.temperature = 0.0  # mean@K at T = 0 (the flag refuses it for training)
+    row = sdpg.evaluation_metrics(_models(model, tok), held_out, args)
     assert 0 < sum(greedy) < 12 and row == {"eval_accuracy": sum(greedy) / 12, "eval_mean_at_k": sum(greedy) / 12}
     # K greedy answers to a question are K copies of the one
-    assert sdpg.evaluate(model, tok, held_out, "", [tok.eos_token_id], 2, 5, sdpg.Compute(torch.device("cpu"), False),
-                         samples=3, temperature=0.0) == greedy
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-LAYOUTS = {  # name: (one row, what it becomes, field flags)
-    "gsm8k": ({"question": "How many?", "answer": "Add 2 and 3: <<2+3=5>>5 pens.\n#### 5"},
-              {"question": "How many?", "answer": "5", "solution": "Add 2 and 3: 5 pens."}, {}),
-    "math": ({"problem": "Find x.", "solution": "So $x = \\boxed{\\frac{1}{2}}$.", "level": "Level 2"},
-             {"question": "Find x.", "answer": "\\frac{1}{2}", "solution": "So $x = \\boxed{\\frac{1}{2}}$."}, {}),
-    "math-500": ({"problem": "Find y.", "solution": "Then $y = \\boxed{7}$.", "answer": "7"},
-                 {"question": "Find y.", "answer": "7", "solution": "Then $y = \\boxed{7}$."}, {}),
-    "problem-answer": ({"problem": "Find z.", "answer": 12},
-                       {"question": "Find z.", "answer": "12", "solution": ""}, {}),
-    "dapo-math-17k": ({"data_source": "math_dapo", "ability": "MATH", "extra_info": {"index": "a1"},
-                       "prompt": [{"role": "system", "content": "Be careful."},
-                                  {"role": "user", "content": "Solve it. What is 30 + 4?"}],
-                       "reward_model": {"ground_truth": "34", "style": "rule"}},
-                      {"question": "Solve it. What is 30 + 4?", "answer": "34", "solution": ""}, {}),
-    # open-r1's processed copy: the prompt as text and a 'solution' column that is only the answer
-    "dapo-processed": ({"prompt": "What is 30 + 4?", "solution": "34",
-                        "reward_model": {"ground_truth": "34", "style": "rule"}},
-                       {"question": "What is 30 + 4?", "answer": "34", "solution": ""}, {}),
-    "flags": ({"input": {"text": "What is 4 + 5?"}, "target": "9", "work": "4 + 5 = 9"},
-              {"question": "What is 4 + 5?", "answer": "9", "solution": "4 + 5 = 9"},
-              {"question_field": "input.text", "answer_field": "target", "solution_field": "work"}),
-}
-
-
-@pytest.mark.parametrize("name", LAYOUTS)
-def test_each_dataset_layout_loads_from_a_local_file(name, tmp_path):
-    row, expected, flags = LAYOUTS[name]
-    path = _write_jsonl(tmp_path / "d.jsonl", [row] * 3)
-    train, held_out = sdpg.load_examples(path, eval_n=1, seed=0, **flags)
-    assert train == [expected, expected] and held_out == [expected]
-
-
-def test_a_hub_dataset_without_a_test_split_holds_out_its_last_rows(monkeypatch):
-    """A Hub id with train and test splits evaluates on the test split's first --eval-n rows; one with only a
-    train split (DAPO-Math-17k) holds out its last --eval-n rows, as a local file does (guards the crash it
-    used to be: 'could not load dataset' for a split that does not exist). load_dataset is patched: no network."""
-    import datasets
-
-    rows = [{"problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(5)]
-    hub = {"only-train": datasets.DatasetDict(train=datasets.Dataset.from_list(rows)),
-           "both": datasets.DatasetDict(train=datasets.Dataset.from_list(rows[:3]),
-                                        test=datasets.Dataset.from_list(rows[3:])),
-           "no-train": datasets.DatasetDict(validation=datasets.Dataset.from_list(rows))}
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, **kw: hub[name])
-    train, held_out = sdpg.load_examples("only-train", eval_n=2, seed=0)
-    assert [ex["answer"] for ex in train] == ["1", "2", "3"] and [ex["answer"] for ex in held_out] == ["4", "5"]
-    train, held_out = sdpg.load_examples("both", eval_n=1, seed=0)
-    assert [ex["answer"] for ex in train] == ["1", "2", "3"] and [ex["answer"] for ex in held_out] == ["4"]
-    with pytest.raises(SystemExit, match="has no train split"):
-        sdpg.load_examples("no-train", eval_n=1, seed=0)
-    with pytest.raises(SystemExit, match="it needs more than --eval-n 5"):
-        sdpg.load_examples("only-train", eval_n=5, seed=0)
-
-
-def test_dapo_layout_loads_from_parquet_and_unknown_layouts_get_one_line(tmp_path):
-    import datasets
-
-    row, expected, _ = LAYOUTS["dapo-math-17k"]
-    datasets.Dataset.from_list([row] * 3).to_parquet(str(tmp_path / "d.parquet"))
-    assert sdpg.load_examples(str(tmp_path / "d.parquet"), eval_n=1, seed=0)[1] == [expected]
-    path = _write_jsonl(tmp_path / "odd.jsonl", [{"input": "What is 4 + 5?", "target": "9"}] * 3)
-    with pytest.raises(SystemExit, match=r"matches no known layout \(its fields: input, target\)") as e:
-        sdpg.load_examples(path, eval_n=1, seed=0)
-    assert "\n" not in str(e.value.code)
-    with pytest.raises(SystemExit, match="has no 'answer' field"):
-        sdpg.load_examples(path, eval_n=1, seed=0, question_field="input")
-    assert sdpg.load_examples(path, eval_n=1, seed=0, question_field="input", answer_field="target")[1] == [
-        {"question": "What is 4 + 5?", "answer": "9", "solution": ""}]
-
-
-def test_a_multi_turn_chat_prompt_gives_its_last_user_message():
-    """A few-shot chat prompt (system, worked example, its answer, then the question) trains on its last user
-    message. Guards against reading the first user message, which would train every row on the example."""
-    chat = [{"role": "system", "content": "Solve the problem."}, {"role": "user", "content": "What is 1 + 1?"},
-            {"role": "assistant", "content": "2"}, {"role": "user", "content": "What is 2 + 3?"}]
-    row = {"prompt": chat, "reward_model": {"ground_truth": "5"}}
-    assert sdpg.normalise_row(row, "row 0") == {"question": "What is 2 + 3?", "answer": "5", "solution": ""}
+    assert sdpg.evaluate(model, tok, [tok.eos_token_id], held_out, args, samples=3, temperature=0.0) == greedy
 
 
 GSM8K_DIR = os.path.join(HERE, "..", "shared", "data", "gsm8k")
@@ -1163,62 +903,32 @@ def test_default_teacher_prompt_carries_figure_4s_content():
     assert "Worked solution" not in no_solution and "{" not in no_solution and "Final answer: 42" in no_solution
 
 
-def test_prompt_templates_from_files(tmp_path, tiny):
-    ex = {"question": "What is 6 x 7?", "answer": "42", "solution": "6 x 7 = 42."}
-    student_file, teacher_file = tmp_path / "student.txt", tmp_path / "teacher.txt"
-    student_file.write_text("Problem: {question}\n{instruction}\n")
-    teacher_file.write_text("Q: {question}\nGold {answer}; see {solution}\n"
-                            "Keep $\\frac{a}{b}$, x^{n} and \\boxed{x}.\n")
-    templates = sdpg.read_templates(str(student_file), str(teacher_file))
-    assert sdpg.prompt_texts(ex, "Be brief.", templates) == (
-        "Problem: What is 6 x 7?\nBe brief.",
-        "Q: What is 6 x 7?\nGold 42; see 6 x 7 = 42.\nKeep $\\frac{a}{b}$, x^{n} and \\boxed{x}.")
-    # the teacher prompts of a rollout come from the template
-    model, tok = tiny
-    args = sdpg.parse_args(["--model", "tiny", "--group-size", "2"])
-    rb = sdpg.collect_rollouts(model, tok, sdpg.toy_examples(1, seed=0), args, "", [tok.eos_token_id],
-                               sdpg.Compute(torch.device("cpu"), False), templates)
-    assert tok.decode(rb.teacher_ids[0][rb.teacher_mask[0].bool()]).startswith("q: ")
-    for student, teacher, message in [("{question} {answer}", None, r"--student-template has unknown slot \{answer\}"),
-                                      (None, "{question} {hint}", r"--teacher-template has unknown slot \{hint\}"),
-                                      (None, "Gold {answer}", r"--teacher-template has no \{question\} slot")]:
-        for path, text in ((student_file, student), (teacher_file, teacher)):
-            path.write_text(text or "{question}")
-        with pytest.raises(SystemExit, match=message) as e:
-            sdpg.read_templates(str(student_file), str(teacher_file))
-        assert "\n" not in str(e.value.code)
-    with pytest.raises(SystemExit, match="no such template file"):
-        sdpg.read_templates(None, str(tmp_path / "missing.txt"))
-
-
-def test_help_gives_the_paper_and_the_released_value_of_each_new_option():
+def test_help_gives_the_paper_or_the_released_value_of_each_option_where_they_differ():
     fields = {f.name: f for f in dataclasses.fields(sdpg.Args)}
-    for name in ("gate", "loss_agg", "student_template", "teacher_template", "wrong_reward", "overlong_buffer",
-                 "eval_samples", "eval_temperature", "beta_warmup", "beta_decay", "updates_per_batch", "clip_high"):
-        help = fields[name].metadata["help"]
-        assert "paper" in help and "released script" in help, name
+    for name in ("gate", "loss_agg", "wrong_reward", "overlong_buffer", "updates_per_batch", "clip_high", "kl_mode"):
+        assert "released" in fields[name].metadata["help"], name
+    for name in ("eval_samples", "beta_warmup", "beta_decay", "steps", "batch_prompts", "group_size", "beta"):
+        assert "paper" in fields[name].metadata["help"], name
     a = sdpg.parse_args(["--model", "tiny"])
     assert (a.gate, a.loss_agg, a.wrong_reward, a.overlong_buffer, a.eval_samples) == (True, "group", 0.0, 0, 0)
     assert sdpg.parse_args(["--model", "tiny", "--no-gate"]).gate is False
-    for flags, message in ((["--overlong-buffer", "3"], "between 0 and --max-new-tokens"),
-                           (["--eval-samples", "-1"], "must be >= 0")):
+    for flags, message in ((["--overlong-buffer", "3"], "--overlong-buffer: 0 to --max-new-tokens"),
+                           (["--eval-samples", "-1"], "--eval-samples, --beta, --alpha: >= 0")):
         with pytest.raises(SystemExit, match=message):
             sdpg.parse_args(["--model", "tiny", *flags])
 
 
 def test_released_configuration_runs_and_splits_over_micro_batches(tmp_path):
-    # The released script's settings end to end on a local DAPO-layout file. The same run with another
-    # --micro-batch and with a mean@K evaluation trains the same: neither changes a training number.
+    # The released script's settings end to end on a local file. The same run with another --micro-batch and
+    # with a mean@K evaluation trains the same: neither changes a training number.
     from transformers import AutoModelForCausalLM
 
-    rows = [{"prompt": [{"role": "user", "content": f"{n:02d}"}], "reward_model": {"ground_truth": f"{n % 10}"}}
-            for n in range(40)]
-    data = _write_jsonl(tmp_path / "dapo.jsonl", rows)
-    (tmp_path / "teacher.txt").write_text("{question}\nanswer: {answer}")  # short: a quick teacher forward
-    run = ["--model", "tiny", "--dataset", data, "--steps", "1", "--batch-prompts", "2", "--group-size", "4",
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{n:02d}", "answer": f"{n % 10}"}) + "\n" for n in range(40)))
+    run = ["--model", "tiny", "--dataset", str(data), "--steps", "1", "--batch-prompts", "2", "--group-size", "4",
            "--eval-n", "4", "--no-gate", "--loss-agg", "token-mean", "--wrong-reward", "-1", "--overlong-buffer", "1",
-           "--updates-per-batch", "2", "--beta", "0.5", "--beta-warmup", "0", "--beta-decay", "0",
-           "--teacher-template", str(tmp_path / "teacher.txt")]
+           "--updates-per-batch", "2", "--clip-high", "0.28", "--beta", "0.5", "--beta-warmup", "0",
+           "--beta-decay", "0"]
     sdpg.main(run + ["--micro-batch", "3", "--output-dir", str(tmp_path / "a")])
     sdpg.main(run + ["--micro-batch", "8", "--eval-samples", "2", "--output-dir", str(tmp_path / "b")])
     a, b = _rows(tmp_path / "a" / "metrics.jsonl"), _rows(tmp_path / "b" / "metrics.jsonl")
@@ -1227,8 +937,8 @@ def test_released_configuration_runs_and_splits_over_micro_batches(tmp_path):
         assert x == pytest.approx(y, rel=1e-5, abs=1e-7)
     assert -2 <= a[1]["reward_mean"] <= 1 and a[1]["kl_distill"] > 0
     final = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "final").state_dict() for run in "ab"]
-    for name, weight in final[0].items():
-        torch.testing.assert_close(weight, final[1][name], rtol=1e-4, atol=1e-6)
+    for name, weight in final[0].items():  # AdamW turns float-order noise in a gradient near 0 into ~lr / 1e3
+        torch.testing.assert_close(weight, final[1][name], rtol=1e-4, atol=1e-5)
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (config["gate"], config["loss_agg"], config["overlong_buffer"]) == (False, "token-mean", 1)
 
@@ -1245,45 +955,47 @@ def _updates_with_a_spy(lr_warmup=1):
     model = sdpg.build_tiny_model(tok, seed=4)
     args = sdpg.parse_args(["--model", "tiny", "--batch-prompts", "4", "--group-size", "2", "--updates-per-batch", "2",
                             "--micro-batch", "3", "--beta", "0.5", "--alpha", "0.1", "--max-new-tokens", "5",
-                            "--temperature", "1.5", "--max-grad-norm", "1e9", "--lr-warmup", str(lr_warmup)])
+                            "--temperature", "1.5"])
     ref = sdpg.frozen_copy(model, torch.float32)
-    cpu = sdpg.Compute(torch.device("cpu"), False)
+    m = _models(model, tok, reference=ref, stop_ids=sdpg.stop_token_ids(model, tok))
     torch.manual_seed(0)
-    rb = sdpg.collect_rollouts(model, tok, sdpg.toy_examples(4, seed=1), args, "", sdpg.stop_token_ids(model, tok),
-                               cpu, sdpg.DEFAULT_TEMPLATES)
+    rb = sdpg.collect_rollouts(m, sdpg.toy_examples(4, seed=1), args)
     rb.advantages = sdpg.group_advantages(torch.tensor([1.0, 0, 0, 1, 1, 0, 0.5, 0]), 2)
-    optimizer, scheduler = sdpg.build_optimizer(model, args)
-    seen = []
+    with pytest.MonkeyPatch.context() as patch:  # no gradient clipping; the warm-up asked for
+        patch.setattr(sdpg, "LR_WARMUP", lr_warmup)
+        patch.setattr(sdpg, "MAX_GRAD_NORM", 1e9)
+        optimizer, scheduler = sdpg.build_optimizer(model, args)
+        seen = []
 
-    def spy(optimizer, args, kwargs):
-        seen.append(dict(weights={n: t.clone() for n, t in model.state_dict().items()},
-                         grads={n: p.grad.clone() for n, p in model.named_parameters()},
-                         lr=optimizer.param_groups[0]["lr"]))
+        def spy(optimizer, args, kwargs):
+            seen.append(dict(weights={n: t.clone() for n, t in model.state_dict().items()},
+                             grads={n: p.grad.clone() for n, p in model.named_parameters()},
+                             lr=optimizer.param_groups[0]["lr"]))
 
-    optimizer.register_step_pre_hook(spy)
-    sums = sdpg.policy_update(model, ref, optimizer, scheduler, rb, 0.5, args, cpu)
-    return seen, sums, (model, ref, rb, args, cpu)
+        optimizer.register_step_pre_hook(spy)
+        sums = sdpg.policy_update(m, optimizer, scheduler, rb, 0.5, args)
+    return seen, sums, (m, rb, args)
 
 
 def _rollout_logp(weights, parts):
     """The rollout policy's log-probs of all 8 answers: the weights before the batch's first update."""
-    model, _, rb, args, cpu = parts
-    first = sdpg.frozen_copy(model, torch.float32)
+    m, rb, args = parts
+    first = sdpg.frozen_copy(m.policy, torch.float32)
     first.load_state_dict(weights)
     with torch.no_grad():
-        return sdpg.score(first, None, rb, slice(0, 8), False, args, cpu).logp
+        return sdpg.score(m._replace(policy=first), rb, slice(0, 8), args, False, False)[0]
 
 
 def _update_from_scratch(weights, rows, old_logp, parts):
     """One update's loss, gradient and token-averaged metrics, all its answers in one forward pass
     at the given weights, with fresh gradients."""
-    model, ref, rb, args, cpu = parts
-    model = sdpg.frozen_copy(model, torch.float32)
+    m, rb, args = parts
+    model = sdpg.frozen_copy(m.policy, torch.float32)
     model.load_state_dict(weights)
     for p in model.parameters():
         p.requires_grad_(True)
     model.train()
-    logp, kl, ref_logp, entropy, _ = sdpg.score(model, ref, rb, rows, True, args, cpu)
+    logp, kl, ref_logp, entropy = sdpg.score(m._replace(policy=model, teacher=model), rb, rows, args, True, True)
     w = sdpg.token_weights(rb.response_mask[rows], 2)
     loss = sdpg.sdpg_loss(logp, old_logp[rows], kl, ref_logp, rb.advantages[rows], w, 0.5, 0.1, "urkl")
     loss.backward()
@@ -1346,11 +1058,13 @@ def test_a_skipped_update_leaves_no_gradient_to_the_next():
 @pytest.mark.parametrize("warmup", [1, 4])
 def test_learning_rate_warm_up_reaches_the_full_rate_at_optimiser_step_warmup(warmup):
     """Guards against an off-by-one in the warm-up: the first optimiser step at lr 0 (it would be
-    wasted), or the full rate reached a step early or late. --lr-warmup W means the k-th optimiser
+    wasted), or the full rate reached a step early or late. LR_WARMUP W means the k-th optimiser
     step uses lr * min(1, k / W), so step 1 uses lr / W and step W the full lr; W = 1 is no warm-up."""
-    args = sdpg.parse_args(["--model", "tiny", "--lr", "0.5", "--lr-warmup", str(warmup)])
+    args = sdpg.parse_args(["--model", "tiny", "--lr", "0.5"])
     layer = torch.nn.Linear(2, 1)
-    optimizer, scheduler = sdpg.build_optimizer(layer, args)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sdpg, "LR_WARMUP", warmup)
+        optimizer, scheduler = sdpg.build_optimizer(layer, args)
     used = []
     optimizer.register_step_pre_hook(lambda opt, a, k: used.append(opt.param_groups[0]["lr"]))
     for _ in range(warmup + 2):
@@ -1573,14 +1287,16 @@ def test_gsm8k_gold(field, gold):
 CORRECTED = "5 + 1 = 6\n#### 5\nWait, that is wrong: 5 + 2 = <<5+2=7>>7.\n#### 7"
 
 
-def test_the_last_hashes_count_in_the_completion_and_in_the_gold():
+def test_the_last_hashes_count_in_the_completion_and_in_the_gold(tmp_path):
     """Guards against the first '####' taken instead of the last: an answer that writes a wrong
     '#### 5', then corrects itself to '#### 7', is scored on 7, and a gold field written the same way
     gives 7 as the answer and, to the teacher, the solution up to the last '####'."""
     assert extract_answer(CORRECTED) == "7" and extract_answer(CORRECTED + "\nThat is all.") == "7"
     assert math_reward(CORRECTED, "7") == 1.0 and math_reward(CORRECTED, "5") == 0.0
     assert gsm8k_gold(CORRECTED) == "7"
-    row = sdpg.normalise_row({"question": "q", "answer": CORRECTED}, "row 0")
+    path = tmp_path / "g.jsonl"  # read as sdpg.py reads GSM8K
+    path.write_text((json.dumps({"question": "q", "answer": CORRECTED}) + "\n") * 2)
+    (row,), _ = sdpg.load_examples(str(path), eval_n=1, seed=0)
     assert row["answer"] == "7" and row["solution"] == "5 + 1 = 6\n#### 5\nWait, that is wrong: 5 + 2 = 7."
 
 
@@ -1981,98 +1697,6 @@ def test_every_gsm8k_train_solution_scores_1_plain_and_boxed():
     assert not bad, bad[:5]
 
 
-# --- --verifier: ours, or Hugging Face's Math-Verify -------------------------------------------------
-
-def test_the_verifier_flag_scores_the_rollouts_and_the_evaluation(tmp_path, monkeypatch):
-    """Guards against --verifier parsed but not used: main builds the reward function once, from Args, and
-    both the training rollouts and every evaluation score with it (this one accepts every answer)."""
-    built = []
-
-    def reward_function(name):
-        built.append(name)
-        return lambda completion, gold: 1.0
-
-    monkeypatch.setattr(sdpg, "reward_function", reward_function)
-    sdpg.main(SMALL_RUN + ["--steps", "1", "--batch-prompts", "2", "--group-size", "2", "--eval-n", "2",
-                           "--output-dir", str(tmp_path), "--verifier", "math-verify"])
-    rows = _rows(tmp_path / "metrics.jsonl")
-    assert built == ["math-verify"]
-    assert rows[0]["eval_accuracy"] == rows[1]["eval_accuracy"] == rows[1]["reward_mean"] == 1.0
-
-
-def test_math_verify_missing_gets_one_line(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "math_verify", None)  # as if it were not installed: the import fails
-    with pytest.raises(SystemExit) as e:
-        sdpg.main(["--model", "tiny", "--verifier", "math-verify", "--output-dir", str(tmp_path / "run")])
-    assert e.value.code == "error: --verifier math-verify needs the math-verify package: pip install math-verify"
-    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
-    assert sdpg.reward_function("ours") is math_reward and sdpg.parse_args([]).verifier == "ours"
-
-
-@pytest.mark.parametrize("completion,gold,reward", [
-    (r"So $\boxed{\frac{1}{2}}$.", "0.5", 1.0), (r"So $\boxed{3}$.", "4", 0.0), ("3 + 4 = 7\n#### 7", "7", 1.0),
-    (r"So $\boxed{5 \leq x}$.", r"x \geq 5", 1.0), (rf"So $\boxed{{{MATRIX}}}$.", MATRIX, 1.0),
-    (rf"So $\boxed{{{MATRIX}}}$.", MATRIX.replace("-1", "1"), 0.0), (None, "1", 0.0), (r"$\boxed{1}$", None, 0.0),
-])
-def test_math_verify_reward(completion, gold, reward):
-    pytest.importorskip("math_verify", reason="Math-Verify is optional (pip install math-verify); CI installs it")
-    assert sdpg.reward_function("math-verify")(completion, gold) == reward
-
-
-def test_math_verify_time_is_bounded(monkeypatch):
-    """Guards against a Math-Verify call without our timeouts (its defaults are 5 s per call): every parse and the
-    comparison get MATH_VERIFY_TIMEOUT_S (checked on the calls, not on the clock), and a power tower that SymPy
-    would work on for minutes comes back (a bound against a hang only)."""
-    math_verify = pytest.importorskip("math_verify", reason="Math-Verify is optional (pip install math-verify); "
-                                                            "CI installs it")
-    monkeypatch.setattr(sdpg, "MATH_VERIFY_TIMEOUT_S", 1)
-    calls = []
-
-    def recording(name: str, timeout_key: str):
-        real = getattr(math_verify, name)
-
-        def call(*args, **kwargs):
-            calls.append((name, kwargs.get(timeout_key)))
-            return real(*args, **kwargs)
-        return call
-
-    monkeypatch.setattr(math_verify, "parse", recording("parse", "parsing_timeout"))
-    monkeypatch.setattr(math_verify, "verify", recording("verify", "timeout_seconds"))
-    reward = sdpg.reward_function("math-verify")
-    start = time.perf_counter()
-    assert reward(r"So $\boxed{9^{9^{9^{9}}}}$.", "1") == 0.0
-    assert time.perf_counter() - start < HANG_S
-    assert calls == [("parse", 1), ("parse", 1), ("verify", 1)]
-
-
-
-def test_the_math_style_set_differs_from_its_hand_labels_only_by_stated_policy():
-    """The MATH-style cases of benchmarks/verifier_agreement.py carry a hand label (would a careful grader accept
-    the answer?). Guards against a rule that drifts from it: ours may differ only where a note names the policy."""
-    from verifier_agreement import MATH_STYLE, completion_of
-    assert len(MATH_STYLE) >= 100 and len({(answer, gold) for answer, gold, *_ in MATH_STYLE}) == len(MATH_STYLE)
-    off = [(answer, gold) for answer, gold, right, _, note in MATH_STYLE
-           if (math_reward(completion_of(answer), gold) == 1.0) is not (right is not note.startswith("P:"))]
-    assert not off, off
-
-
-def test_verifier_agreement_smoke(tmp_path, monkeypatch):
-    pytest.importorskip("math_verify", reason="Math-Verify is optional (pip install math-verify); CI installs it")
-    import verifier_agreement
-    rows = [{"question": "q", "answer": "2 + 2 = <<2+2=4>>4\n#### 4"},
-            {"question": "q", "answer": "She answered 3 of them, then 3 + 2 = <<3+2=5>>5.\n#### 5"}]
-    gsm8k = _write_jsonl(tmp_path / "train.jsonl", rows)
-    monkeypatch.setattr(verifier_agreement, "MATH_STYLE", [("2x > 4", "x > 2", True, "relation", ""),
-                                                           ("0.333333", r"\frac{1}{3}", False, "fraction", "")])
-    monkeypatch.setattr(sys, "argv", ["verifier_agreement.py", "--gsm8k", gsm8k, "--out", str(tmp_path)])
-    verifier_agreement.main()
-    result = json.loads((tmp_path / "verifier_agreement.json").read_text())
-    assert result["gsm8k_train"] == {"cases": 4, "agree": 3, "both_accept": 3, "both_refuse": 0, "only_ours": 1,
-                                     "only_math_verify": 0}
-    assert [(r["ours"], r["math_verify"]) for r in result["math_style_cases"]] == [(True, False), (False, True)]
-    report = (tmp_path / "verifier_agreement.md").read_text()
-    assert "Math-Verify accepts a wrong answer" in report and "an earlier number is taken: 1" in report
-
 # -----------------------------------------------------------------------------
 # Reliability: interrupt and resume, atomic checkpoints, NaN guard, clear errors
 
@@ -2083,13 +1707,11 @@ def _comparable(rows):
     return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
 
 
-@pytest.mark.parametrize("teacher", [[], ["--teacher", "ema", "--ema-rate", "0.5", "--beta", "0.5"]],
-                         ids=["policy", "ema"])
-def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, teacher):
-    # The stopped run is given 400 steps so that it cannot end before the signal comes; a constant
-    # beta makes its first steps identical to those of a 12-step run. With --teacher ema the average
-    # is part of the checkpoint: a resumed run that restarted it would distil towards other weights.
-    run = SMALL_RUN + ["--beta-warmup", "0", "--beta-decay", "0", *teacher]
+@pytest.mark.parametrize("teacher", ["policy", "reference"])
+def test_interrupt_then_continue_equals_an_uninterrupted_run(tmp_path, teacher):
+    # The stopped run is given 400 steps so that it cannot end before the signal comes; a constant beta makes
+    # its first steps identical to those of a 12-step run, and it is continued as one (--steps may differ).
+    run = SMALL_RUN + ["--beta-warmup", "0", "--beta-decay", "0", "--teacher", teacher]
     sdpg.main(run + ["--output-dir", str(tmp_path / "straight")])
     out = tmp_path / "stopped"
     # A real SIGINT to a real process, once it has logged step 3.
@@ -2102,11 +1724,11 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, teacher):
     proc.send_signal(2)  # SIGINT, as Ctrl-C sends
     output, _ = proc.communicate(timeout=HANG_TIMEOUT)
     assert proc.returncode == 0, output
-    assert "--resume" in output
+    assert "To continue: python sdpg.py <the same flags>" in output
     (ckpt,) = sdpg.checkpoints(str(out))
     stopped_at = int(ckpt.rsplit("-", 1)[1])
     assert 3 <= stopped_at < 400 and [r["step"] for r in _rows(out / "metrics.jsonl")] == list(range(stopped_at + 1))
-    sdpg.main(run + ["--output-dir", str(out), "--resume"])
+    sdpg.main(run + ["--output-dir", str(out)])
     resumed, straight = _rows(out / "metrics.jsonl"), _rows(tmp_path / "straight" / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(13))
     # same data, same RNG states, same weights and optimiser: the same run (on CPU, bit for bit
@@ -2148,10 +1770,10 @@ def never_killed(tmp_path_factory):
 @pytest.mark.parametrize("killed_at", [4, 2])
 def test_hard_kill_between_checkpoints_then_resume_logs_each_step_once(killed_at, never_killed, tmp_path,
                                                                        monkeypatch):
-    """Guards against a resumed run logging steps twice: the rows written after the last checkpoint
+    """Guards against a continued run logging steps twice: the rows written after the last checkpoint
     (step 3 when killed at 4, after checkpoint-2), or the step-0 evaluation when the run died before
-    its first checkpoint and --resume starts from scratch; and against a half-written last line
-    (the kill came during a write) making --resume fail."""
+    its first checkpoint and starts again from scratch; and against a half-written last line
+    (the kill came during a write) making the continued run fail."""
     out, metrics = tmp_path / "killed", tmp_path / "killed" / "metrics.jsonl"
     with monkeypatch.context() as m:
         _killed_at(m, killed_at)
@@ -2161,7 +1783,7 @@ def test_hard_kill_between_checkpoints_then_resume_logs_each_step_once(killed_at
     assert [os.path.basename(p) for p in sdpg.checkpoints(str(out))] == (["checkpoint-2"] if killed_at > 2 else [])
     with open(metrics, "a") as f:
         f.write('{"step": %d, "reward_me' % killed_at)  # cut off mid-row, no newline
-    sdpg.main(KILL_RUN + ["--output-dir", str(out), "--resume"])
+    sdpg.main(KILL_RUN + ["--output-dir", str(out)])  # the same command again
     resumed = _comparable(_rows(metrics))
     assert [r["step"] for r in resumed] == list(range(5))
     for a, b in zip(resumed, never_killed, strict=True):
@@ -2206,7 +1828,8 @@ def test_a_checkpoint_of_a_model_whose_saved_layout_differs_restores_its_weights
 
     saved, saved_optimizer, saved_scheduler = model_and_optimizer(0)
     state = {"optimizer": saved_optimizer.state_dict(), "scheduler": saved_scheduler.state_dict(),
-             "order": random.Random(0).getstate(), "rng": sdpg.rng_states()}
+             "order": random.Random(0).getstate(),
+             "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": None}}
     sdpg.save_checkpoint(saved, sdpg.build_char_tokenizer(), str(tmp_path / "checkpoint-1"), state)
     on_disk = load_file(tmp_path / "checkpoint-1" / "model.safetensors")
     assert set(on_disk) != set(saved.state_dict())  # the layout on disk is not the model's: the case this guards
@@ -2218,17 +1841,22 @@ def test_a_checkpoint_of_a_model_whose_saved_layout_differs_restores_its_weights
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
 
 
-def test_bad_steps_must_come_in_a_row_to_stop_the_run():
-    """A step with a skipped update counts, a good one resets the count, the third bad one in a row stops
-    (guards a count that never resets, which would stop a long run after any three scattered NaNs)."""
-    assert sdpg.count_bad_steps(0, 1) == 1 and sdpg.count_bad_steps(1, 2) == 2 and sdpg.count_bad_steps(2, 0) == 0
-    with pytest.raises(SystemExit, match="NaN/inf in 3 steps in a row"):
-        sdpg.count_bad_steps(2, 1)
+def test_bad_steps_must_come_in_a_row_to_stop_the_run(tmp_path, monkeypatch):
+    """A step with a skipped update counts, a good one resets the count: two NaN steps out of every three never stop
+    a run (guards a count that never resets, which would stop a long run after any three scattered NaNs)."""
+    real, calls = sdpg.sdpg_loss, []
+
+    def nan_but_every_third(*a, **k):  # one call per step here: one update of one micro-batch
+        calls.append(1)
+        return real(*a, **k) * (1.0 if len(calls) % 3 == 0 else float("nan"))
+
+    monkeypatch.setattr(sdpg, "sdpg_loss", nan_but_every_third)
+    sdpg.main(SMALL_RUN + ["--steps", "6", "--output-dir", str(tmp_path)])
+    assert [r["skipped_updates"] for r in _rows(tmp_path / "metrics.jsonl")[1:]] == [1, 1, 0, 1, 1, 0]
 
 
-def test_keep_checkpoints_keeps_the_newest(tmp_path):
-    sdpg.main(SMALL_RUN + ["--steps", "6", "--save-every", "1", "--keep-checkpoints", "2",
-                           "--output-dir", str(tmp_path)])
+def test_only_the_newest_two_checkpoints_are_kept(tmp_path):
+    sdpg.main(SMALL_RUN + ["--steps", "6", "--save-every", "1", "--output-dir", str(tmp_path)])
     assert [os.path.basename(p) for p in sdpg.checkpoints(str(tmp_path))] == ["checkpoint-4", "checkpoint-5"]
     assert (tmp_path / "final" / "config.json").exists()
 
@@ -2255,14 +1883,11 @@ def test_nan_loss_is_skipped_and_stops_the_run(tmp_path, monkeypatch):
     (["--lr", "-1"], "--lr must be positive"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
     (["--batch-prompts", "3", "--updates-per-batch", "2"], "multiple of --updates-per-batch"),
-    (["--dataset", "missing.jsonl"], "no such dataset file: missing.jsonl"),
+    (["--dataset", "missing.jsonl"], "no such dataset: missing.jsonl"),
+    (["--dataset", "toy-reverse"], "no such dataset: toy-reverse"),
     (["--model", "./no-such-model"], "no such model directory"),
-    (["--max-new-tokens", "600"], "exceeds the model's context of 512 tokens"),
-    (["--fsdp"], "--fsdp shards the model over the processes that torchrun starts"),
-    (["--ema-rate", "1.5"], "--ema-rate must be between 0 and 1"),
-    (["--distill-topk", "0"], "--distill-topk must be positive"),
-    (["--teacher", "ema", "--fsdp"], "--teacher ema is not supported with --fsdp"),
-    (["--dataset", "toy-reverse", "--eval-n", "200"], "toy-reverse holds out 112 questions"),
+    (["--max-new-tokens", "600"], "exceeds the model's context of 512"),
+    (["--beta", "-1"], "--eval-samples, --beta, --alpha: >= 0"),
 ])
 def test_bad_input_gets_one_clear_line(flags, message, tmp_path):
     with pytest.raises(SystemExit, match=message) as e:
@@ -2284,16 +1909,15 @@ def test_command_line_errors_are_one_line(flags, message, capsys):
     assert e.value.code == 2 and message in err and "--help" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_format_row_shows_every_metric_and_a_dash_for_one_that_is_off():
-    """The per-step line: fixed formats, '-' for a metric that is off (--beta 0 gives kl_distill None), and the
-    evaluations appended only on steps that have them (guards a None formatted as a number, which raises)."""
-    row = {"step": 7, "reward_mean": 0.5, "kl_distill": None, "kl_ref": 0.01234, "beta": 1e-3, "gate_frac": 0.25,
-           "entropy": 1.5, "response_len": 12.0, "time_s": 0.456}
-    assert sdpg.format_row(row) == ("step    7 | reward 0.500 | kl_distill - | kl_ref 0.0123 | beta 1.0e-03 | "
-                                    "gate 0.25 | entropy 1.500 | len 12.0 | 0.46s")
-    assert sdpg.format_row({**row, "eval_accuracy": 0.75}).endswith("0.46s | eval_accuracy 0.750")
-    # step 0 is the evaluation before training: no training metrics to show, not a line of dashes
-    assert sdpg.format_row({"step": 0, "eval_accuracy": 0.25}) == "step    0 | eval_accuracy 0.250"
+def test_one_line_per_step_shows_every_metric_and_a_dash_for_one_that_is_off(tmp_path, capsys):
+    """The line printed per step holds every key of its metrics row, '-' for a metric that is off (--beta 0 gives
+    kl_distill None; a None formatted as a number would raise), and step 0 only the evaluation before training."""
+    sdpg.main(SMALL_RUN + ["--steps", "1", "--beta", "0", "--output-dir", str(tmp_path)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    rows = _rows(tmp_path / "metrics.jsonl")
+    assert len(lines) == len(rows) == 2 and lines[0] == f"step 0 | eval_accuracy {rows[0]['eval_accuracy']:.4g}"
+    assert [part.split(" ")[0] for part in lines[1].split(" | ")] == list(rows[1])
+    assert " | kl_distill - | " in lines[1] and f" | reward_mean {rows[1]['reward_mean']:.4g} | " in lines[1]
 
 
 def test_bad_dataset_files(tmp_path):
@@ -2302,20 +1926,24 @@ def test_bad_dataset_files(tmp_path):
     bad.write_text("".join(json.dumps({"question": "q", "answer": "1"}) + "\n" for _ in range(5))
                    + json.dumps({"question": "q", "solution": "s"}) + "\n"
                    + json.dumps({"question": "q", "answer": "1"}) + "\n")
-    with pytest.raises(SystemExit, match="is empty"):
+    with pytest.raises(SystemExit, match="could not load .*empty.jsonl"):
         sdpg.load_examples(str(empty), eval_n=1, seed=0)
-    with pytest.raises(SystemExit, match="train row 5 has no 'answer' field"):
+    with pytest.raises(SystemExit, match="row 5 needs a 'question' and an 'answer'"):
         sdpg.load_examples(str(bad), eval_n=1, seed=0)
+    with pytest.raises(SystemExit, match="has 7 rows, and its last --eval-n 7 are held out"):
+        sdpg.load_examples(str(bad), eval_n=7, seed=0)
 
 
-def test_output_dir_with_another_run_is_refused(tmp_path):
-    sdpg.main(SMALL_RUN + ["--steps", "1", "--output-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="holds another run"):
-        sdpg.main(SMALL_RUN + ["--steps", "1", "--output-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="finished run"):
-        sdpg.main(SMALL_RUN + ["--steps", "1", "--output-dir", str(tmp_path), "--resume"])
-    sdpg.main(SMALL_RUN + ["--steps", "1", "--output-dir", str(tmp_path), "--overwrite"])
-    assert [r["step"] for r in _rows(tmp_path / "metrics.jsonl")] == [0, 1]
+def test_an_output_dir_holding_a_finished_run_or_other_settings_is_refused(tmp_path):
+    sdpg.main(SMALL_RUN + ["--steps", "1", "--output-dir", str(tmp_path / "done")])
+    with pytest.raises(SystemExit, match="holds a finished run; choose another --output-dir"):
+        sdpg.main(SMALL_RUN + ["--steps", "1", "--output-dir", str(tmp_path / "done")])
+    out = tmp_path / "stopped"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(sdpg.parse_args(SMALL_RUN + ["--lr", "1e-2"]))))
+    with pytest.raises(SystemExit, match=r"holds a run with other settings \(--lr 0.01\)") as e:
+        sdpg.main(SMALL_RUN + ["--output-dir", str(out)])
+    assert "\n" not in str(e.value.code)
 
 
 def test_errors_reach_the_user_as_one_line_without_traceback(tmp_path):
@@ -2356,758 +1984,3 @@ def test_bf16_sampler_follows_the_policy():
     for (name, a), (_, b) in zip(sampler.named_buffers(), model.named_buffers(), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert sdpg.make_sampler(model, bf16=False) is model
-
-
-# -----------------------------------------------------------------------------
-# Watching a run (issue 24): --report-to tensorboard / wandb get the rows of metrics.jsonl and continue
-# their curves on --resume; benchmarks/plot_run.py draws metrics files. The truth for the curves is
-# never_killed, a run without a tracker that was never stopped. The tracker tests skip, saying why,
-# where their package is not installed; CI installs both.
-
-TRACKED = ["reward_mean", "kl_distill", "kl_ref", "beta", "gate_frac", "loss", "entropy", "grad_norm",
-           "skipped_updates", "response_len", "lr", "time_s", "eval_accuracy",
-           "eval_teacher_accuracy"]  # every key of KILL_RUN's rows
-
-
-def _expected_curves(rows):
-    """{key: [(step, value), ...]} of the rows, as a tracker must show them (a null is no point)."""
-    curves = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in TRACKED if k != "time_s"}
-    return {k: pts for k, pts in curves.items() if pts}
-
-
-def _assert_same_curves(got, expected):
-    for key, pts in expected.items():
-        assert [s for s, _ in got[key]] == [s for s, _ in pts], key  # each step once, in order
-        assert [v for _, v in got[key]] == pytest.approx([v for _, v in pts], rel=1e-4, abs=1e-6), key
-
-
-def _killed_at_step_4(monkeypatch, flags):
-    """KILL_RUN hard-killed as step 4 starts: steps 0-3 logged, checkpoint-2 saved. Resumed, it runs steps
-    3 and 4, so step 3 is logged a second time."""
-    with monkeypatch.context() as m:
-        _killed_at(m, 4)
-        with pytest.raises(_HardKill):
-            sdpg.main(KILL_RUN + flags)
-
-
-def test_tensorboard_gets_every_row_and_a_resumed_run_continues_its_curves(never_killed, tmp_path, monkeypatch):
-    """Guards against: rows that never reach TensorBoard (the step-0 evaluation, evaluation rows) or reach it
-    under other names; a resumed run writing elsewhere, or showing step 3 twice (no purge_step)."""
-    pytest.importorskip("tensorboard", reason="--report-to tensorboard needs tensorboard (pip install tensorboard)")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out = tmp_path / "run"
-
-    def shown():  # what TensorBoard shows: every event file of the log dir, in order, its purges applied
-        events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
-        events.Reload()
-        scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-        texts = [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors("config/text_summary")]
-        return scalars, texts
-
-    flags = ["--output-dir", str(out), "--report-to", "tensorboard"]
-    _killed_at_step_4(monkeypatch, flags)
-    scalars, texts = shown()
-    assert sorted(scalars) == sorted(TRACKED)
-    _assert_same_curves(scalars, _expected_curves([r for r in never_killed if r["step"] < 4]))
-    assert [step for step, _ in texts] == [0] and '| model | "tiny" |' in texts[0][1]
-    sdpg.main(KILL_RUN + flags + ["--resume"])
-    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # the same log dir, a second file
-    scalars, texts = shown()
-    _assert_same_curves(scalars, _expected_curves(never_killed))
-    assert [s for s, _ in scalars["time_s"]] == [1, 2, 3, 4] and [s for s, _ in scalars["eval_accuracy"]] == [0, 4]
-    assert [step for step, _ in texts] == [0, 3]  # the settings, again where the resumed run starts
-    # a metric that is off (null in metrics.jsonl: kl_distill with --beta 0) gets no point
-    tracker = sdpg.TensorBoardTracker(str(tmp_path / "off"), {}, 0)
-    with tracker:
-        tracker.log({"step": 1, "kl_distill": None, "kl_ref": 0.5})
-    events = EventAccumulator(str(tmp_path / "off"))
-    events.Reload()
-    assert events.Tags()["scalars"] == ["kl_ref"]
-
-
-def _wandb_records(run_dir):
-    """The records of an offline W&B run: its .wandb file is a LevelDB-style log (a 7-byte header, then blocks of
-    32 KiB holding chunks, each with a 7-byte header: checksum, length, kind) of wandb's Record protobufs."""
-    import struct
-
-    from wandb.proto.wandb_internal_pb2 import Record
-
-    (path,) = run_dir.glob("run-*.wandb")
-    data, pos, part, records = path.read_bytes(), 7, b"", []
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # too little room left in the block for a chunk header: padding
-            pos += 32768 - pos % 32768
-            continue
-        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
-        part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):  # a whole record, or the last chunk of one
-            records.append(Record.FromString(part))
-            part = b""
-    return records
-
-
-def _wandb_run(run_dir):
-    """(run id, name, project, config, {step: row}, exit code) of an offline W&B run, from its own files."""
-    records = _wandb_records(run_dir)
-    (run,) = [r.run for r in records if r.HasField("run")]
-    config = {item.key: json.loads(item.value_json) for item in run.config.update if item.key != "_wandb"}
-    history = {}
-    for r in records:
-        if r.HasField("history"):
-            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
-            history[r.history.step.num] = {"step": r.history.step.num,
-                                           **{k: v for k, v in row.items() if not k.startswith("_")}}  # W&B's own
-    (exit_code,) = [r.exit.exit_code for r in records if r.HasField("exit")]
-    return run.run_id, run.display_name, run.project, config, history, exit_code
-
-
-def test_wandb_offline_records_every_row_and_a_resumed_run_keeps_its_id(never_killed, tmp_path, monkeypatch):
-    """Guards against: rows missing from W&B or under other names, no config, a resumed run that starts another
-    W&B run (a new id), --run-name ignored, a tracker not finished when the run dies (its run then has no exit
-    record) or finished as a success."""
-    wandb = pytest.importorskip("wandb", reason="--report-to wandb needs wandb (pip install wandb)")
-    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_SILENT": "true",
-                        "WANDB_CONSOLE": "off", "WANDB_PROJECT": "sdpg-test"}.items():
-        monkeypatch.setenv(name, value)  # no network, every file inside tmp_path
-    (tmp_path / "wandb").mkdir()
-    (tmp_path / "off").mkdir()  # first, a metric that is off (null in metrics.jsonl: kl_distill with --beta 0)
-    tracker = sdpg.WandbTracker(sdpg.parse_args(["--model", "tiny", "--output-dir", str(tmp_path / "off")]), {})
-    with tracker:
-        tracker.log({"step": 1, "kl_distill": None, "kl_ref": 0.5})
-    off_id = tracker.run.id
-    out = tmp_path / "run"
-    flags = ["--output-dir", str(out), "--report-to", "wandb", "--run-name", "killed-and-resumed"]
-    _killed_at_step_4(monkeypatch, flags)
-    run_id = (out / "wandb_run_id").read_text().strip()
-    sdpg.main(KILL_RUN + flags + ["--resume"])
-    wandb.teardown()  # a finished run's file is written in the background: wait for it, as Python's exit does
-    assert (out / "wandb_run_id").read_text().strip() == run_id
-    runs = [_wandb_run(d) for d in sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))]
-    (off,) = [r for r in runs if r[0] == off_id]
-    assert off[4] == {1: {"step": 1, "kl_ref": 0.5}}
-    runs = [r for r in runs if r[0] != off_id]
-    assert len(runs) == 2
-    for resumed, (got_id, name, project, config, _, _) in zip((False, True), runs):
-        assert (got_id, name, project) == (run_id, "killed-and-resumed", "sdpg-test")
-        assert config == {**json.loads((out / "config.json").read_text()), "resume": resumed}
-    (*_, killed, killed_exit), (*_, resumed, resumed_exit) = runs
-    assert sorted(killed) == [0, 1, 2, 3] and sorted(resumed) == [3, 4] and (killed_exit, resumed_exit) == (1, 0)
-    # as W&B keeps the first row of a step logged twice (offline, each run's file has its own)
-    rows = [{**resumed, **killed}[step] for step in range(5)]
-    _assert_same_curves(_expected_curves(rows), _expected_curves(never_killed))
-    assert [set(r) for r in rows] == [{k for k, v in m.items() if v is not None} for m in _rows(out / "metrics.jsonl")]
-
-
-def test_only_rank_0_reports_and_none_imports_no_tracker(tmp_path, monkeypatch):
-    """Under torchrun every rank but 0 gets the tracker that reports nothing (guards against each rank writing
-    its own event files or W&B run); --report-to none needs neither package."""
-    args = sdpg.parse_args(["--model", "tiny", "--output-dir", str(tmp_path)])
-    with monkeypatch.context() as m:
-        m.setitem(sys.modules, "tensorboard", None)  # as if neither were installed: importing them fails
-        m.setitem(sys.modules, "wandb", None)
-        metrics_file, tracker = sdpg.open_run_files(args, 0)
-        with metrics_file, tracker:
-            tracker.log({"step": 0, "eval_accuracy": 0.5})
-    assert type(tracker) is sdpg.Tracker
-    monkeypatch.setenv("WANDB_MODE", "offline")  # were W&B started on rank 1 after all: no network
-    monkeypatch.setattr(sdpg, "rank_and_world", lambda: (1, 2))
-    for name in ("tensorboard", "wandb"):
-        metrics_file, tracker = sdpg.open_run_files(dataclasses.replace(args, report_to=name), 0)
-        with metrics_file, tracker:
-            tracker.log({"step": 0, "eval_accuracy": 0.5})
-        assert type(tracker) is sdpg.Tracker and sorted(os.listdir(tmp_path)) == ["config.json", "metrics.jsonl"]
-    top_level = {alias.name.split(".")[0] for node in ast.parse(open(os.path.join(HERE, "sdpg.py")).read()).body
-                 if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
-    assert not top_level & {"tensorboard", "wandb"}
-
-
-@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
-def test_a_tracker_that_is_not_installed_gets_one_line_before_anything_loads(tracker, monkeypatch):
-    monkeypatch.setitem(sys.modules, tracker, None)  # as if not installed
-    with pytest.raises(SystemExit, match=f"needs the {tracker} package: pip install {tracker}$") as e:
-        sdpg.parse_args(["--model", "tiny", "--report-to", tracker])
-    assert "\n" not in str(e.value.code)
-
-
-def _metrics_dir(path, rows):
-    path.mkdir()
-    _write_jsonl(path / "metrics.jsonl", rows)
-    return path
-
-
-def test_plot_run_draws_each_runs_metrics_and_leaves_out_what_a_run_did_not_log(tmp_path, monkeypatch):
-    """Two runs' metrics drawn on six panels: each line holds the run's own (step, value) points, the reward
-    also smoothed, eval_mean_at_k and a key added later beside the greedy accuracy; a null metric (kl_distill of
-    a --beta 0 run) and a missing one draw no line; a half-written last line is skipped."""
-    pytest.importorskip("matplotlib", reason="plot_run.py needs matplotlib (pip install matplotlib)")
-    import plot_run
-
-    def rows(beta, evals):
-        return [{"step": 0, **evals}] + [
-            {"step": k, "reward_mean": k / 10 + beta, "kl_distill": 0.1 * k if beta else None, "kl_ref": 0.01 * k,
-             "entropy": 2 - k / 10, "response_len": 10 + k, **(evals if k == 4 else {})} for k in range(1, 5)]
-    sdpg_run = _metrics_dir(tmp_path / "sdpg", rows(0.5, {"eval_accuracy": 0.25, "eval_mean_at_k": 0.2,
-                                                          "eval_teacher_accuracy": 0.75}))
-    with open(sdpg_run / "metrics.jsonl", "a") as f:
-        f.write('{"step": 5, "rew')  # the run is still writing
-    beta0 = _metrics_dir(tmp_path / "beta0", rows(0.0, {"eval_accuracy": 0.5}))
-    out, figures, draw = tmp_path / "plot.png", [], plot_run.draw
-    monkeypatch.setattr(plot_run, "draw", lambda runs, window: figures.append(draw(runs, window)) or figures[0])
-    plot_run.main([str(sdpg_run), str(beta0), "--window", "2", "-o", str(out)])
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    (fig,) = figures
-    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for ax in fig.axes
-             for line in ax.get_lines()}
-    assert len(fig.axes) == 6 and [t.get_text() for t in fig.legends[0].get_texts()] == [str(sdpg_run), str(beta0)]
-    sdpg_run, beta0 = f"{sdpg_run} ", f"{beta0} "  # each line's label: the run's directory, then the key
-    assert lines[sdpg_run + "reward_mean raw"] == ([1, 2, 3, 4], pytest.approx([0.6, 0.7, 0.8, 0.9]))
-    assert lines[sdpg_run + "reward_mean"] == ([1, 2, 3, 4], pytest.approx([0.6, 0.65, 0.75, 0.85]))  # mean of 2
-    assert lines[beta0 + "eval_accuracy"] == ([0, 4], [0.5, 0.5])
-    assert lines[sdpg_run + "eval_mean_at_k"] == ([0, 4], [0.2, 0.2])
-    assert lines[sdpg_run + "eval_teacher_accuracy"] == ([0, 4], [0.75, 0.75])
-    assert lines[sdpg_run + "kl_distill"] == ([1, 2, 3, 4], pytest.approx([0.1, 0.2, 0.3, 0.4]))
-    assert lines[beta0 + "kl_distill"] == ([], []) and lines[beta0 + "eval_mean_at_k"] == ([], [])
-    for key in ("kl_ref", "entropy", "response_len"):
-        assert lines[beta0 + key][0] == [1, 2, 3, 4]
-
-
-def test_plot_run_without_metrics_gets_one_line_and_a_failing_exit(tmp_path):
-    empty = _metrics_dir(tmp_path / "empty", [])
-    for run_dir, message in ((tmp_path / "nothing", "error: no metrics.jsonl in "),
-                             (empty, "metrics.jsonl has no rows yet")):
-        proc = subprocess.run([sys.executable, os.path.join(HERE, "benchmarks", "plot_run.py"), str(run_dir)],
-                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
-        assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc
-        assert not (tmp_path / "run_plot.png").exists()
-
-
-def test_plot_run_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
-    import plot_run
-
-    run_dir = _metrics_dir(tmp_path / "run", [{"step": 0, "eval_accuracy": 0.5}])
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(SystemExit, match="^error: plot_run.py needs matplotlib: pip install matplotlib$"):
-        plot_run.main([str(run_dir), "-o", str(tmp_path / "p.png")])
-
-
-# -----------------------------------------------------------------------------
-# More than one process. `python -m torch.distributed.run` (torchrun) starts two ranks on the CPU, which
-# talk over gloo. Sampling is per rank (seed + rank), so two ranks never draw the rollouts that one
-# process draws: the policy update is compared on FIXED rollouts (random ids, lengths and rewards, the
-# same in every process), each rank taking its share with rank_share(); this file is the worker.
-
-DIST_BASE = ["--model", "tiny", "--batch-prompts", "4", "--group-size", "4", "--beta", "0.5", "--beta-warmup", "0",
-             "--micro-batch", "5", "--lr", "1e-2", "--max-grad-norm", "100"]  # no clipping: it would hide a scale
-DIST_CASES = {  # name -> flags of a policy update that two ranks and one process must agree on
-    "dp": [],
-    "dp-2-updates-token-mean-checkpointing": ["--updates-per-batch", "2", "--loss-agg", "token-mean",
-                                              "--gradient-checkpointing"],
-    "fsdp": ["--fsdp"],
-    "fsdp-2-updates-checkpointing": ["--fsdp", "--updates-per-batch", "2", "--gradient-checkpointing"],
-}
-
-
-def _fixed_rollouts(step: int, args, vocab: int) -> sdpg.Rollouts:
-    """A whole batch of made-up rollouts, the same in every process: left-padded prompts (G copies each),
-    answers of 1 to 4 tokens, rewards 0 or 1."""
-    g = torch.Generator().manual_seed(1000 + step)
-    B, G, L = args.batch_prompts, args.group_size, 4
-
-    def prompts(P):
-        lengths = torch.randint(1, P + 1, (B, 1), generator=g)
-        mask = (torch.arange(P) >= P - lengths).long()  # (B, P)
-        ids = torch.randint(3, vocab, (B, P), generator=g) * mask
-        return ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)  # (N, P) each
-
-    (ids, mask), (teacher_ids, teacher_mask) = prompts(5), prompts(9)
-    response_mask = (torch.arange(L) < torch.randint(1, L + 1, (B * G, 1), generator=g)).long()  # (N, L)
-    response_ids = torch.randint(3, vocab, (B * G, L), generator=g) * response_mask
-    rewards = torch.randint(0, 2, (B * G,), generator=g).float()
-    return sdpg.Rollouts(ids, mask, teacher_ids, teacher_mask, response_ids, response_mask, rewards,
-                         sdpg.group_advantages(rewards, G))
-
-
-def _rank_rows(rb: sdpg.Rollouts, args, rank: int, world: int) -> sdpg.Rollouts:
-    """This rank's groups of a whole batch, as main() deals them (rank_share)."""
-    share = sdpg.rank_share(list(range(args.batch_prompts)), args.updates_per_batch, rank, world)
-    rows = torch.tensor([p * args.group_size + i for p in share for i in range(args.group_size)])
-    return sdpg.Rollouts(*(None if t is None else t[rows] for t in dataclasses.astuple(rb)))
-
-
-def _updates_on_fixed_rollouts(flags: list[str], steps: int = 3) -> dict:
-    """`steps` policy updates of the tiny model on fixed rollouts, in this process's share of them.
-    Returns the (clipped) gradient of the first optimiser step, the weights at the end, in float64, and the metrics
-    policy_update returned at each step."""
-    args = sdpg.parse_args(DIST_BASE + flags)
-    rank, world = sdpg.rank_and_world()
-    tok = sdpg.build_char_tokenizer()
-    model = sdpg.build_tiny_model(tok, seed=0)
-    ref = sdpg.frozen_copy(model, torch.float32)
-    if args.gradient_checkpointing:
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    if args.fsdp and world > 1:  # one process is the reference: its model stays whole
-        model, ref = sdpg.shard_model(model), sdpg.shard_model(ref)
-    optimizer, scheduler = sdpg.build_optimizer(model, args)
-    first_grad = []
-
-    def record(opt, a, k):
-        if not first_grad:
-            first_grad.extend(sdpg.whole(p.grad).detach().double().clone() for p in model.parameters())
-    optimizer.register_step_pre_hook(record)
-    metrics = []
-    for step in range(1, steps + 1):
-        rb = _rank_rows(_fixed_rollouts(step, args, len(tok)), args, rank, world)
-        metrics.append(sdpg.policy_update(model, ref, optimizer, scheduler, rb, 0.5, args,
-                                          sdpg.Compute(torch.device("cpu"), False)))
-    return {"grad": first_grad, "weights": [sdpg.whole(p).detach().double().clone() for p in model.parameters()],
-            "metrics": metrics}
-
-
-def _torchrun(*argv: str, timeout: int = HANG_TIMEOUT) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def two_rank_updates(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ranks")
-    _torchrun(os.path.join(HERE, "test_sdpg.py"), "dist-worker", str(out))
-    runs = {(name, r): torch.load(out / f"{name}-{r}.pt") for name in DIST_CASES for r in (0, 1)}
-    return {**runs, "unshared": [(out / f"unshared-{r}.txt").read_text() for r in (0, 1)]}
-
-
-@pytest.fixture(scope="module")
-def one_process_updates():
-    """The same updates in this one process, for every case."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors this small run 10x slower when threads compete for the two cores
-    try:
-        return {case: _updates_on_fixed_rollouts(flags) for case, flags in DIST_CASES.items()}
-    finally:
-        torch.set_num_threads(threads)
-
-
-# Tolerance: the two ranks add their halves of the gradient in another order than one process does
-# (float32: the gradients agree to 1e-7). AdamW divides each gradient by its own root mean square, which
-# magnifies that rounding in the smallest gradients: after 3 steps of lr 1e-2 (each step moves a weight
-# by up to 1e-2) the weights agree within 5e-5, half a percent of one step; measured: 1.1e-5 at most.
-@pytest.mark.parametrize("case", list(DIST_CASES))
-def test_two_ranks_take_the_steps_of_one_process(case, two_rank_updates, one_process_updates):
-    """Two ranks on the same rollouts give one process's gradient and, after 3 steps, its weights; the ranks'
-    weights are identical. Guards against: a missing gradient all-reduce (each rank steps on its half),
-    token weights that sum to 1 per rank instead of over the global update (a gradient twice too big), and
-    dealing each rank one contiguous slice of the batch with --updates-per-batch 2 (other prompts per step)."""
-    one = one_process_updates[case]
-    ranks = [two_rank_updates[case, r] for r in (0, 1)]
-    for a, b in zip(ranks[0]["weights"], ranks[1]["weights"]):
-        assert torch.equal(a, b)
-    for a, b in zip(ranks[0]["grad"], one["grad"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    for a, b in zip(ranks[0]["weights"], one["weights"]):
-        torch.testing.assert_close(a, b, rtol=0, atol=5e-5)
-
-
-@pytest.mark.parametrize("case", list(DIST_CASES))
-def test_two_ranks_log_the_metrics_of_one_process(case, two_rank_updates, one_process_updates):
-    """The first update's metrics (loss, entropy, the two KLs, the gradient norm) are global: each rank's equal
-    one process's on the same rollouts. Guards against metrics averaged over the ranks instead of summed, which
-    would log every value halved with two ranks while the training itself stays right."""
-    one = one_process_updates[case]["metrics"][0]
-    for r in (0, 1):
-        ranks = two_rank_updates[case, r]["metrics"][0]
-        for key in ("loss", "entropy", "kl_distill", "kl_ref", "grad_norm"):
-            assert ranks[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), (r, key)
-
-
-DIST_RUN = ["--model", "tiny", "--steps", "4", "--batch-prompts", "4", "--group-size", "4", "--eval-every", "0",
-            "--eval-n", "8", "--save-every", "2", "--beta-warmup", "0", "--beta-decay", "0"]
-
-
-def test_two_rank_fsdp_run_resumes_from_its_checkpoint_which_loads_in_one_process(tmp_path):
-    """sdpg.py --fsdp under torchrun: rank 0 alone prints and writes; a second two-rank run resumed from
-    checkpoint-2 (weights and the sharded AdamW state gathered into it) repeats steps 3-4 exactly, with each
-    rank's sampling RNG restored, and the checkpoint is a whole model that one process loads. Plain data
-    parallel shares this path except the gathering (its update is checked above). Guards against: every rank
-    writing files, a resume that gives both ranks rank 0's RNG (both would draw the same answers) or loses
-    the optimiser state, and checkpoints that hold only rank 0's shards."""
-    from transformers import AutoModelForCausalLM
-
-    out, resumed = tmp_path / "run", tmp_path / "resumed"
-    stdout = _torchrun(os.path.join(HERE, "sdpg.py"), *DIST_RUN, "--fsdp", "--output-dir", str(out))
-    assert stdout.count("step    3") == 1 and "cpu x 2" in stdout
-    rows = _rows(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
-    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("final"))
-    _torchrun(os.path.join(HERE, "sdpg.py"), *DIST_RUN, "--fsdp", "--output-dir", str(resumed), "--resume")
-    for a, b in zip(_comparable(_rows(resumed / "metrics.jsonl")), _comparable(rows)):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), a["step"]
-    for a, b in zip(AutoModelForCausalLM.from_pretrained(resumed / "final").parameters(),
-                    AutoModelForCausalLM.from_pretrained(out / "final").parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    one = AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
-    init = sdpg.build_tiny_model(sdpg.build_char_tokenizer(), seed=0)
-    assert all(not torch.equal(a, b) for a, b in zip(one.parameters(), init.parameters()))  # trained, whole
-
-
-def test_an_output_dir_that_not_every_rank_sees_is_refused_on_every_rank(two_rank_updates):
-    """Each rank given its own directory (nodes without a shared filesystem): every rank stops with the same
-    line. Guards against a check that passes on rank 0, which wrote the marker, and lets the others hang."""
-    for message in two_rank_updates["unshared"]:
-        assert message.startswith("error: not every process can see --output-dir") and "shared filesystem" in message
-
-
-def test_a_run_under_torchrun_ends_its_process_group_before_returning(monkeypatch):
-    """sdpg.distributed, which sdpg.main runs in: the process group is destroyed when the run ends, normally or by
-    an error, not left to the interpreter's teardown (where a rank can abort after finishing: "terminate called
-    without an active exception"). One rank of a one-rank torchrun, in this process."""
-    import socket
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(name, value)
-    args = sdpg.parse_args(["--model", "tiny", "--device", "cpu"])
-    with sdpg.distributed(args) as compute:
-        assert dist.is_initialized() and compute.device.type == "cpu"
-    assert not dist.is_initialized()
-    with pytest.raises(SystemExit, match="stop"):
-        with sdpg.distributed(args):
-            assert dist.is_initialized()
-            raise SystemExit("stop")
-    assert not dist.is_initialized()
-
-
-def test_gradients_are_summed_in_buckets_one_collective_each(tiny, monkeypatch):
-    """all_reduce_gradients as two ranks with equal gradients would see it (a fake all-reduce that doubles
-    what it is given): every gradient comes back exactly doubled, a missing one as zeros, with one collective
-    per bucket of at most bucket_bytes (one for the whole tiny model by default) instead of one per parameter.
-    Guards against gradients copied back to the wrong place from the flat tensor, a None gradient skipped
-    (the ranks' buckets would no longer pair up), and a return to a collective per parameter."""
-    model = copy.deepcopy(tiny[0])
-    params = list(model.parameters())
-    g = torch.Generator().manual_seed(0)
-    for p in params[1:]:
-        p.grad = torch.randn(p.shape, generator=g)
-    params[0].grad = None  # a parameter that got no gradient on this rank
-    sent = []
-
-    def fake_all_reduce(t, *args, **kwargs):
-        sent.append((t.numel(), t.dtype))
-        t.mul_(2)  # the sum over two ranks holding the same values
-
-    monkeypatch.setattr(sdpg.dist, "all_reduce", fake_all_reduce)
-    monkeypatch.setattr(sdpg, "rank_and_world", lambda: (0, 2))
-    for bucket_bytes, calls in ((sdpg.GRAD_BUCKET_BYTES, 1), (64 * 1024, None)):
-        before = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
-        sent.clear()
-        sdpg.all_reduce_gradients(model, bucket_bytes)
-        for p, b in zip(params, before):
-            assert torch.equal(p.grad, 2 * b)
-        assert params[0].grad is not None and not params[0].grad.any()
-        assert sum(n for n, _ in sent) == sum(p.numel() for p in params)  # every element once, nothing twice
-        biggest = max(p.numel() for p in params)
-        assert all(n * 4 <= bucket_bytes or n == biggest for n, _ in sent)
-        assert len(sent) == (calls or len(sdpg.gradient_buckets([p.grad for p in params], bucket_bytes)))
-        assert 1 <= len(sent) < len(params) // 2
-    # a bucket holds one dtype: a half-precision gradient between two float32 ones is a bucket of its own
-    mixed = [torch.zeros(4), torch.zeros(4, dtype=torch.float16), torch.zeros(4)]
-    assert [[t.dtype for t in b] for b in sdpg.gradient_buckets(mixed)] == [[torch.float32], [torch.float16],
-                                                                             [torch.float32]]
-
-
-def test_a_global_batch_that_ranks_cannot_share_is_refused():
-    sdpg.check_world(sdpg.parse_args(["--model", "tiny", "--batch-prompts", "8", "--updates-per-batch", "2"]), 4)
-    with pytest.raises(SystemExit, match=r"multiple of processes x --updates-per-batch \(2 x 2\)"):
-        sdpg.check_world(sdpg.parse_args(["--model", "tiny", "--batch-prompts", "6", "--updates-per-batch", "2"]), 2)
-
-
-def _dist_worker(out: str) -> None:
-    """One rank of two_rank_updates: the fixed-rollout updates of every case, then the output-dir check."""
-    for name, flags in DIST_CASES.items():
-        result = _updates_on_fixed_rollouts(flags)
-        torch.save(result, os.path.join(out, f"{name}-{sdpg.rank_and_world()[0]}.pt"))
-    sdpg.check_shared_output_dir(out)  # one directory that both ranks see: no error
-    own = os.path.join(out, f"rank-{sdpg.rank_and_world()[0]}")  # as if each node had its own disk
-    os.makedirs(own)
-    try:
-        sdpg.check_shared_output_dir(own)
-        message = "no error"
-    except SystemExit as e:
-        message = str(e)
-    with open(os.path.join(out, f"unshared-{sdpg.rank_and_world()[0]}.txt"), "w") as f:
-        f.write(message)
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["dist-worker"]:
-    with sdpg.distributed(sdpg.parse_args(DIST_BASE)):  # ends the process group in order, as sdpg.main does
-        _dist_worker(sys.argv[2])
-    sdpg.end_process()  # as sdpg.py does after main
-
-
-# -----------------------------------------------------------------------------
-# Self-distillation where the teacher knows more: the tiny model taught to read its prompt, the tasks of
-# chosen difficulty, where the teacher's context comes from, who teaches, and the distillation estimators.
-
-CPU = sdpg.Compute(torch.device("cpu"), False)
-
-
-@pytest.fixture(scope="module")
-def reader(tmp_path_factory):
-    """The tiny reader of seed 0 (sdpg.py --model tiny-reader), pretrained once, saved as the study saves it."""
-    tok = sdpg.build_char_tokenizer()
-    model = sdpg.build_tiny_model(tok, seed=0)
-    steps = sdpg.pretrain_to_read(model, tok, seed=0)
-    path = str(tmp_path_factory.mktemp("reader") / "reader")
-    sdpg.save_checkpoint(model, tok, path)
-    return model, tok, path, steps
-
-
-def _held_out_accuracy(model, tok, task, teacher_context=None):
-    """Greedy accuracy on 100 fresh questions of a task (80 of toy-reverse's 112 held-out ones), the student's
-    view or the teacher's with its privileged context."""
-    _, held_out = sdpg.load_examples(task, 100 if task == "toy" else 80, seed=7)
-    right = sdpg.evaluate(model, tok, held_out, "", [tok.eos_token_id], 2 if task == "toy" else 4, 128, CPU,
-                          templates=sdpg.TOY_TEMPLATES, teacher_context=teacher_context)
-    return sum(right) / len(right)
-
-
-def test_the_reader_reads_its_prompt_and_knows_no_task(reader):
-    model, tok, _, steps = reader
-    assert steps <= sdpg.READING_MAX_STEPS
-    # chance: 1 in 10 for a digit; about 1 in 1,000 for three (binomial bounds at 100 and 80 questions)
-    for task, chance_bound in (("toy", 0.2), ("toy-reverse", 0.05)):
-        assert _held_out_accuracy(model, tok, task, "solution") >= 0.9, task  # the teacher's view reads the answer
-        assert _held_out_accuracy(model, tok, task) <= chance_bound, task  # the student's view cannot
-    # and it is the pretraining that reads: the same model untrained does not
-    untrained = sdpg.build_tiny_model(tok, seed=0)
-    assert _held_out_accuracy(untrained, tok, "toy-reverse", "solution") == 0.0
-
-
-def test_reading_lessons_never_teach_a_task_and_the_pretraining_is_seeded():
-    lessons = list(itertools.islice(sdpg.reading_lessons(seed=0), 20_000))
-    for task in sdpg.TOY_TASKS.values():
-        assert not any(ex["answer"] == task(ex["question"]) for ex in lessons)
-    assert {len(ex["answer"]) for ex in lessons} == {1, 2, 3} and all(ex["solution"] == "" for ex in lessons)
-    tok = sdpg.build_char_tokenizer()
-    weights = []
-    for seed in (0, 0, 1):
-        model = sdpg.build_tiny_model(tok, seed=seed)
-        assert sdpg.pretrain_to_read(model, tok, seed, max_steps=3) == 3
-        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
-    assert not torch.equal(weights[0], torch.cat([p.flatten() for p in sdpg.build_tiny_model(tok, 0).parameters()]))
-
-
-def test_toy_tasks_and_their_held_out_questions():
-    train, held_out = sdpg.load_examples("toy-reverse", 112, seed=0)
-    assert all(ex["answer"] == ex["question"][::-1] != ex["question"] for ex in train + held_out)
-    assert {int(ex["question"]) % 8 for ex in held_out} == {0} and 0 not in {int(ex["question"]) % 8 for ex in train}
-    assert len({ex["question"] for ex in held_out}) == 112
-    args = sdpg.parse_args(["--model", "tiny-reader", "--dataset", "toy-reverse"])
-    assert args.max_new_tokens == 4 and args.lr == 3e-3 and args.instruction == ""
-    assert sdpg.default_templates("toy-reverse") == sdpg.TOY_TEMPLATES == sdpg.default_templates("toy")
-    assert sdpg.default_templates("gsm8k") == sdpg.DEFAULT_TEMPLATES
-
-
-def test_a_saved_tiny_checkpoint_loads_the_tokenizer_it_was_built_with(tmp_path, tiny):
-    """AutoTokenizer reads a saved tiny model's qwen2 config and returns a Qwen2Tokenizer, which encodes
-    'Q: 47\\nA: 7' as 5 ids instead of 10; load_model must give back the character tokenizer."""
-    model, tok = tiny
-    sdpg.save_checkpoint(model, tok, str(tmp_path / "ck"))
-    loaded_model, loaded = sdpg.load_model(str(tmp_path / "ck"), seed=0)
-    for text in ("Q: 47\nA: 7", "Mixed Case,  two spaces\n\nand (brackets) + $5%?"):
-        ids = tok(text, add_special_tokens=False).input_ids
-        assert loaded(text, add_special_tokens=False).input_ids == ids and len(ids) == len(text)
-        assert loaded.decode(ids) == tok.decode(ids) == text.lower()
-    assert (loaded.pad_token_id, loaded.eos_token_id) == (tok.pad_token_id, tok.eos_token_id)
-    assert sdpg.is_char_tokenizer(str(tmp_path / "ck"))
-
-
-def test_each_teacher_context_builds_the_prompt_it_says():
-    exs = [{"question": "11", "answer": "7", "solution": "s1"}, {"question": "22", "answer": "7", "solution": "s2"},
-           {"question": "33", "answer": "3", "solution": "s3"}]
-    completions = ["row0", "row1", "row2", "row3", "row4", "row5"]  # G = 2 answers per question
-    correct = [True, False, False, False, True, True]
-    ctx = lambda c: sdpg.privileged_contexts(exs, c, 2, completions, correct)  # noqa: E731
-    assert ctx("solution") == [("7", "s1")] * 2 + [("7", "s2")] * 2 + [("3", "s3")] * 2
-    assert ctx("answer") == [("7", "")] * 2 + [("7", "")] * 2 + [("3", "")] * 2
-    # the control: the next question whose answer differs, never the row's own answer
-    assert ctx("other") == [("3", "s3")] * 2 + [("3", "s3")] * 2 + [("7", "s1")] * 2
-    # peer: another right answer of the same group, never the row's own; none -> the answer alone
-    assert ctx("peer") == [("7", ""), ("7", "row0"), ("7", ""), ("7", ""), ("3", "row5"), ("3", "row4")]
-    rng = random.Random(0)
-    for _ in range(200):
-        batch = [{"question": "q", "answer": rng.choice("123"), "solution": "s"} for _ in range(rng.randint(1, 6))]
-        for ex, (answer, _) in zip(batch, sdpg.privileged_contexts(batch, "other")):
-            assert answer != ex["answer"]
-    # the teacher's prompt: the question, the line stating what the teacher is shown; an empty line left out
-    texts = sdpg.teacher_texts(exs, "", sdpg.TOY_TEACHER_TEMPLATE, ctx("peer"), 2)
-    assert texts[1] == "11\nanswer: 7\nsolution: row0" and texts[0] == "11\nanswer: 7"
-    same = [{"question": "q", "answer": "5", "solution": ""}] * 2
-    assert sdpg.teacher_texts(same, "", sdpg.TOY_TEACHER_TEMPLATE, sdpg.privileged_contexts(same, "other")) == ["q"] * 2
-
-
-def test_rollouts_give_the_teacher_the_context_of_teacher_context():
-    tok = sdpg.build_char_tokenizer()
-    model = sdpg.build_tiny_model(tok, seed=1)
-    examples = sdpg.reverse_examples(3, seed=0, held_out=False)
-    for context in ("solution", "other"):
-        args = sdpg.parse_args(["--model", "tiny", "--dataset", "toy-reverse", "--group-size", "2",
-                                "--teacher-context", context])
-        rb = sdpg.collect_rollouts(model, tok, examples, args, "", [tok.eos_token_id], CPU, sdpg.TOY_TEMPLATES)
-        for row in range(6):
-            text = tok.decode(rb.teacher_ids[row][rb.teacher_mask[row].bool()])
-            own = examples[row // 2]["answer"]
-            assert text.startswith(f"q: {examples[row // 2]['question']}\n") and text.endswith("\na: ")
-            assert (f"answer: {own}\n" in text) == (context == "solution")
-
-
-def test_estimators_are_zero_with_zero_gradient_when_the_teacher_is_the_student():
-    torch.manual_seed(0)
-    logits = torch.randn(5, 11)
-    y = torch.randint(0, 11, (5,))
-    for estimator in ("full", "topk", "sampled"):
-        s = logits.clone().requires_grad_(True)
-        value = sdpg.distill_kl(s, logits.clone(), y, estimator, 3)
-        value.sum().backward()
-        assert value.abs().max() < 1e-6 and s.grad.abs().max() < 1e-6, estimator
-
-
-def _two_outcome_sets(p, q, k):
-    """Reference for topk_reverse_kl: the K + 1 outcome distributions built by hand (the student's top-k
-    tokens, then one 'any other' outcome) and their KL from torch.distributions."""
-    top = p.topk(k).indices
-    p_k = torch.cat([p[top], (1 - p[top].sum()).reshape(1)])
-    q_k = torch.cat([q[top], (1 - q[top].sum()).reshape(1)])
-    return p_k, q_k
-
-
-def test_topk_estimator_is_a_kl_between_two_proper_distributions():
-    torch.manual_seed(1)
-    V = 9
-    s, t = torch.randn(4, V) * 2, torch.randn(4, V) * 2
-    full = sdpg.full_vocab_reverse_kl(s, t)
-    torch.testing.assert_close(sdpg.topk_reverse_kl(s, t, V), full, rtol=0, atol=0)  # K = V: the exact KL
-    for k in (1, 3, V - 1):
-        value = sdpg.topk_reverse_kl(s, t, k)
-        for i in range(4):
-            p_k, q_k = _two_outcome_sets(s[i].softmax(-1), t[i].softmax(-1), k)
-            assert math.isclose(p_k.sum().item(), 1, abs_tol=1e-6) and math.isclose(q_k.sum().item(), 1, abs_tol=1e-6)
-            ref = torch.distributions.kl_divergence(torch.distributions.Categorical(probs=p_k),
-                                                    torch.distributions.Categorical(probs=q_k))
-            assert math.isclose(value[i].item(), ref.item(), rel_tol=1e-4, abs_tol=1e-6), (k, i)
-        assert (value <= full + 1e-6).all()  # merging outcomes never raises a KL
-    # its gradient is that of the hand-built KL (the top-k set itself carries none)
-    s1 = s.clone().requires_grad_(True)
-    sdpg.topk_reverse_kl(s1, t, 3).sum().backward()
-    s2 = s.clone().requires_grad_(True)
-    p, q = s2.softmax(-1), t.softmax(-1)
-    sum(torch.distributions.kl_divergence(*(torch.distributions.Categorical(probs=x) for x in _two_outcome_sets(
-        p[i], q[i], 3))) for i in range(4)).backward()
-    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-6)
-
-
-def test_sampled_estimator_is_unbiased_for_the_kl_and_its_gradient():
-    """Monte Carlo over D draws y ~ p per position: the mean of the estimator's value is the exact KL and the
-    mean of its gradient is the exact KL's gradient, each within 5 standard errors of the draws' mean."""
-    torch.manual_seed(2)
-    V, D = 6, 200_000
-    s, t = torch.randn(3, V), torch.randn(3, V)
-    y = torch.multinomial(s.softmax(-1), D, replacement=True)  # (3, D) draws from the student
-    s1 = s.clone().requires_grad_(True)
-    values = sdpg.sampled_reverse_kl(s1[:, None, :].expand(3, D, V), t[:, None, :].expand(3, D, V), y)  # (3, D)
-    values.mean(dim=1).sum().backward()
-    s2 = s.clone().requires_grad_(True)
-    full = sdpg.full_vocab_reverse_kl(s2, t)
-    full.sum().backward()
-    se = values.detach().std(dim=1) / math.sqrt(D)
-    assert ((values.detach().mean(dim=1) - full.detach()).abs() <= 5 * se).all()
-    # the per-draw gradients in closed form, r (onehot(y) - p), for their standard error
-    p = s.softmax(-1)
-    per_draw = values.detach()[..., None] * (F.one_hot(y, V).float() - p[:, None, :])  # (3, D, V)
-    torch.testing.assert_close(per_draw.mean(dim=1), s1.grad, rtol=1e-4, atol=1e-6)
-    assert ((s1.grad - s2.grad).abs() <= 5 * per_draw.std(dim=1) / math.sqrt(D) + 1e-6).all()
-
-
-def test_the_logged_kl_is_the_exact_one_whichever_estimator_trains(tiny):
-    model, tok = tiny
-    args = sdpg.parse_args(["--model", "tiny", "--group-size", "4", "--max-new-tokens", "4"])
-    rb = sdpg.collect_rollouts(model, tok, sdpg.toy_examples(2, seed=3), args, "", [tok.eos_token_id], CPU,
-                               sdpg.TOY_TEMPLATES)
-    terms = {e: sdpg.score(model, None, rb, slice(0, 8), True, dataclasses.replace(args, distill_estimator=e,
-                                                                                    distill_topk=2), CPU)
-             for e in ("full", "topk", "sampled")}
-    for e in ("topk", "sampled"):
-        torch.testing.assert_close(terms[e].kl_exact, terms["full"].kl_distill.detach())
-        assert not torch.allclose(terms[e].kl_distill, terms["full"].kl_distill)  # another term trains
-    # and the metric of an update is that exact KL (the weights are the same before each update)
-    logged = {}
-    for e in ("full", "sampled"):
-        trained = sdpg.frozen_copy(model, torch.float32).requires_grad_(True)
-        optimizer, scheduler = sdpg.build_optimizer(trained, args)
-        logged[e] = sdpg.policy_update(trained, None, optimizer, scheduler, rb, 0.5,
-                                       dataclasses.replace(args, distill_estimator=e, alpha=0.0), CPU)["kl_distill"]
-    assert logged["sampled"] == pytest.approx(logged["full"], rel=1e-5) and logged["full"] > 0
-
-
-def test_ema_teacher_moves_towards_the_policy_and_other_teachers_score_the_kl(tiny):
-    model, tok = tiny
-    ema = sdpg.frozen_copy(model, torch.float32)
-    before = [p.clone() for p in ema.parameters()]
-    with torch.no_grad():
-        moved = sdpg.frozen_copy(model, torch.float32)
-        for p in moved.parameters():
-            p.add_(1.0)
-    sdpg.ema_update(ema, moved, 0.9)
-    for b, e, m in zip(before, ema.parameters(), moved.parameters()):
-        torch.testing.assert_close(e, 0.9 * b + 0.1 * m)
-    # score's KL is taken against the teacher model given: here another model, on the teacher's prompts
-    args = sdpg.parse_args(["--model", "tiny", "--group-size", "2", "--max-new-tokens", "3"])
-    rb = sdpg.collect_rollouts(model, tok, sdpg.toy_examples(1, seed=0), args, "", [tok.eos_token_id], CPU,
-                               sdpg.TOY_TEMPLATES)
-    kl = sdpg.score(model, None, rb, slice(0, 2), True, args, CPU, teacher_model=moved).kl_distill
-    with torch.no_grad():
-        for i in range(2):
-            n = int(rb.response_mask[i].sum())
-            student = model.lm_head(sdpg.response_hidden_states(model, rb.prompt_ids[i:i + 1], rb.prompt_mask[i:i + 1],
-                                                                rb.response_ids[i:i + 1], rb.response_mask[i:i + 1]))
-            teacher = moved.lm_head(sdpg.response_hidden_states(moved, rb.teacher_ids[i:i + 1],
-                                                                rb.teacher_mask[i:i + 1], rb.response_ids[i:i + 1],
-                                                                rb.response_mask[i:i + 1]))
-            torch.testing.assert_close(kl[i, :n], sdpg.full_vocab_reverse_kl(student, teacher)[0, :n],
-                                       rtol=1e-4, atol=1e-5)
-
-
-def _metrics(path):
-    return [r for r in _rows(os.path.join(path, "metrics.jsonl"))]
-
-
-def test_a_frozen_teacher_lifts_the_hard_task_where_the_verifier_alone_and_sdpgs_own_teacher_do_not(reader, tmp_path):
-    """The mechanism the study found (README, See the distillation work), in seconds. On toy-reverse a right
-    answer is about 1 draw in 1,000, so the verifier alone (--beta 0) learns nothing; the reader's frozen
-    initial weights, shown the answer, teach it; SDPG's own teacher moves with the student and within 20 steps
-    forgets how to read, its KL falling to about 0. Fails if the distillation's gradient is cut or the teacher
-    is shown no answer."""
-    _, _, path, _ = reader
-    run = ["--model", path, "--dataset", "toy-reverse", "--batch-prompts", "16", "--lr", "3e-3", "--alpha", "0.05",
-           "--micro-batch", "128", "--max-new-tokens", "4", "--eval-n", "80", "--save-every", "0",
-           "--beta-warmup", "0", "--beta-decay", "0"]
-    distil = ["--beta", "1", "--no-gate", "--steps", "80", "--eval-every", "0"]
-    sdpg.main(run + ["--beta", "0", "--steps", "80", "--eval-every", "0", "--output-dir", str(tmp_path / "grpo")])
-    sdpg.main(run + distil + ["--teacher", "reference", "--output-dir", str(tmp_path / "reference")])
-    sdpg.main(run + ["--beta", "1", "--no-gate", "--steps", "20", "--eval-every", "20",
-                     "--output-dir", str(tmp_path / "policy")])
-    grpo, reference, policy = (_metrics(tmp_path / name) for name in ("grpo", "reference", "policy"))
-    assert grpo[-1]["eval_accuracy"] == 0.0 and "eval_teacher_accuracy" not in grpo[-1]
-    assert reference[0]["eval_accuracy"] == 0.0 and reference[-1]["eval_accuracy"] >= 0.04
-    assert reference[-1]["eval_teacher_accuracy"] >= 0.9  # a frozen teacher keeps what it knows
-    assert reference[-1]["kl_distill"] < 0.5 * reference[1]["kl_distill"]
-    assert policy[0]["eval_teacher_accuracy"] >= 0.9 and policy[-1]["eval_teacher_accuracy"] <= 0.2
-    assert policy[-1]["kl_distill"] < 0.1 * policy[1]["kl_distill"] and policy[-1]["eval_accuracy"] == 0.0

@@ -1,11 +1,11 @@
-"""Benchmark: what each distillation estimator (sdpg.py --distill-estimator) costs per update.
+"""Benchmark: what each distillation estimator (study_trainer.py --distill-estimator) costs per update.
 
 One sdpg.policy_update on one batch of random ids, at a real model shape with random weights (nothing is
-downloaded), for the GRPO baseline (beta 0) and for SDPG with each estimator: 'full' (the exact KL over
-the whole vocabulary), 'topk' (K tokens and a tail bucket) and 'sampled' (the sampled token's log-ratio).
-Each runs in a process of its own, so that the CPU's peak memory (the process's peak RSS, which never goes
-down) belongs to that one setting. Also the distillation term alone on one chunk of --chunk-size tokens:
-forward and backward of sdpg.distill_kl on random logits, and of the exact KL that every estimator logs.
+downloaded), for the GRPO baseline (beta 0) and for SDPG with each estimator: 'full' (sdpg.py's exact KL over
+the whole vocabulary), 'topk' (K tokens and a tail bucket) and 'sampled' (the sampled token's log-ratio), the
+last two installed by study_trainer.py. Each runs in a process of its own, so that the CPU's peak memory (the
+process's peak RSS, which never goes down) belongs to that one setting. Also the distillation term alone on one
+chunk of --chunk-size tokens: forward and backward of each estimator on random logits, and of the exact KL.
 
     python benchmarks/bench_estimators.py --device cpu --json estimators.json     # reduced lengths, minutes
 """
@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import bench_sdpg  # noqa: E402  (the model shapes, the random batch, the timing helpers)
 import sdpg  # noqa: E402
+import study_trainer  # noqa: E402  (the estimators)
 
 SETTINGS = {"grpo": ["--beta", "0"], "full": [], "topk": ["--distill-estimator", "topk"],
             "sampled": ["--distill-estimator", "sampled"]}
@@ -55,22 +56,23 @@ def peak_rss_gib() -> float:
 
 def one_setting(opts) -> dict:
     """This process: one update setting at the shape, median time and peak memory."""
-    device, bf16 = sdpg.pick_device(opts.device)
+    device, bf16 = bench_sdpg.pick_device(opts.device)
     torch.manual_seed(0)
     model, vocab, _, _ = bench_sdpg.build_model(opts.shape, device)
+    study, flags = study_trainer.parse(["--distill-topk", str(opts.topk), *SETTINGS[opts.one]])
+    study_trainer.install(study)
     args = sdpg.parse_args(["--model", "Qwen2.5-0.5B", "--group-size", str(opts.group_size), "--batch-prompts",
                             str(opts.batch_prompts), "--max-new-tokens", str(opts.response_len), "--chunk-size",
-                            str(opts.chunk_size), "--distill-topk", str(opts.topk), "--micro-batch",
-                            str(opts.group_size * opts.batch_prompts), "--beta", "1e-3", *SETTINGS[opts.one]])
+                            str(opts.chunk_size), "--micro-batch", str(opts.group_size * opts.batch_prompts),
+                            "--beta", "1e-3", *flags])
     ref = sdpg.frozen_copy(model, torch.bfloat16 if bf16 else torch.float32) if args.alpha > 0 else None
     optimizer, scheduler = sdpg.build_optimizer(model, args)
     rb = bench_sdpg.random_batch(opts, vocab, device)
     bench_sdpg.free_and_reset_peak(device)
-    compute = sdpg.Compute(device, bf16)
     times, rows = [], []
     for _ in range(1 + opts.steps):  # the first warms up and makes AdamW's state
-        seconds, row = bench_sdpg.timed(lambda: sdpg.policy_update(model, ref, optimizer, scheduler, rb, args.beta,
-                                                                   args, compute), device)
+        seconds, row = bench_sdpg.timed(lambda: sdpg.policy_update(bench_sdpg.models(model, ref), optimizer,
+                                                                   scheduler, rb, args.beta, args), device)
         times.append(seconds)
         rows.append(row)
     return {"setting": opts.one, "update_s": statistics.median(times[1:]), "peak_gib": bench_sdpg.peak_gib(device),
@@ -79,7 +81,7 @@ def one_setting(opts) -> dict:
 
 def term_rows(opts) -> list[dict]:
     """The distillation term alone on one chunk: (C, V) random logits, forward + backward."""
-    device, _ = sdpg.pick_device(opts.device)
+    device, _ = bench_sdpg.pick_device(opts.device)
     V = bench_sdpg.SHAPES[opts.shape].get("vocab_size", len(sdpg.build_char_tokenizer()))
     g = torch.Generator().manual_seed(0)
     student = torch.randn(opts.chunk_size, V, generator=g).to(device)
@@ -92,7 +94,9 @@ def term_rows(opts) -> list[dict]:
             if not s.requires_grad:
                 with torch.no_grad():
                     return sdpg.full_vocab_reverse_kl(s, teacher)
-            sdpg.distill_kl(s, teacher, targets, name, opts.topk).sum().backward()
+            {"full": lambda: sdpg.full_vocab_reverse_kl(s, teacher),
+             "topk": lambda: study_trainer.topk_reverse_kl(s, teacher, opts.topk),
+             "sampled": lambda: study_trainer.sampled_reverse_kl(s, teacher, targets)}[name]().sum().backward()
         times = [bench_sdpg.timed(work, device)[0] for _ in range(4)]
         out.append({"term": name, "chunk_s": statistics.median(times[1:])})
     return out

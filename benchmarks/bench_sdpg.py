@@ -63,7 +63,7 @@ def parse_cli(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=160, help="student prompt tokens")
     p.add_argument("--context-len", type=int, default=200, help="privileged context tokens added to the teacher prompt")
     p.add_argument("--response-len", type=int, default=1024, help="answer tokens (every answer full length)")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (as sdpg.py)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if there is one, as sdpg.py), cuda or cpu")
     p.add_argument("--micro-batch", type=int, help="sdpg's --micro-batch [default: sdpg's own for the model]")
     p.add_argument("--chunk-size", type=int, help="sdpg's --chunk-size [default: sdpg's own]")
     p.add_argument("--steps", type=int, default=3, help="timed repetitions, after one warm-up")
@@ -91,7 +91,7 @@ def sdpg_args(opts, mode: str, grad_ckpt: bool) -> sdpg.Args:
     """sdpg's own settings, through its own parser, so every default is the project's."""
     flags = ["--model", "tiny" if opts.shape == "tiny" else "Qwen2.5-0.5B",  # picks sdpg's preset only
              "--group-size", str(opts.group_size), "--batch-prompts", str(opts.batch_prompts),
-             "--max-new-tokens", str(opts.response_len), "--device", opts.device]
+             "--max-new-tokens", str(opts.response_len)]
     if opts.micro_batch:
         flags += ["--micro-batch", str(opts.micro_batch)]
     if opts.chunk_size:
@@ -101,6 +101,17 @@ def sdpg_args(opts, mode: str, grad_ckpt: bool) -> sdpg.Args:
     if grad_ckpt:
         flags.append("--gradient-checkpointing")
     return sdpg.parse_args(flags)
+
+
+def pick_device(name: str) -> tuple[torch.device, bool]:
+    """--device (auto: CUDA if there is one, as sdpg.main) and whether sdpg computes in bf16 there."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    return device, device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def models(model, ref) -> sdpg.Models:
+    """The policy teaching itself and sampling itself, with its reference (no tokenizer: ids are random)."""
+    return sdpg.Models(model, ref, model, model, None, [])
 
 
 def build_model(shape: str, device: torch.device):
@@ -198,8 +209,7 @@ def update_row(model, rb, opts, mode, grad_ckpt, device, bf16) -> dict:
     def work():
         ref, opt, sched = make_trainer(model, args, bf16)
         free_and_reset_peak(device)
-        compute = sdpg.Compute(device, bf16)
-        step = lambda: sdpg.policy_update(model, ref, opt, sched, rb, args.beta, args, compute)  # noqa: E731
+        step = lambda: sdpg.policy_update(models(model, ref), opt, sched, rb, args.beta, args)  # noqa: E731
         times = [timed(step, device)[0] for _ in range(1 + opts.steps)]  # the first warms up, makes AdamW's state
         return dict(time_s=statistics.median(times[1:]), peak_gib=peak_gib(device), answer_tokens=opts.response_len)
 
@@ -212,19 +222,18 @@ def whole_step_row(model, rb, opts, stop_ids, pad_id, device, bf16) -> dict:
 
     def work():
         ref, opt, sched = make_trainer(model, args, bf16)
-        compute = sdpg.Compute(device, bf16)
-        sdpg.policy_update(model, ref, opt, sched, rb, args.beta, args, compute)  # AdamW state, as from step 2
+        sdpg.policy_update(models(model, ref), opt, sched, rb, args.beta, args)  # AdamW state, as from step 2
         free_and_reset_peak(device)
 
         sampler = sdpg.make_sampler(model, bf16)  # as sdpg.main: a bf16 copy on CUDA
 
         def step():  # what collect_rollouts + policy_update do, minus tokenising and the verifier
             sdpg.refresh_sampler(sampler, model)
-            with sdpg.autocast(compute):
+            with sdpg.autocast(device):
                 resp, mask = sdpg.generate(sampler, rb.prompt_ids, rb.prompt_mask, args.max_new_tokens,
-                                           args.temperature, args.top_p, stop_ids, pad_id)
-            sdpg.policy_update(model, ref, opt, sched, dataclasses.replace(rb, response_ids=resp, response_mask=mask),
-                               args.beta, args, compute)
+                                           args.temperature, 1.0, stop_ids, pad_id)
+            sdpg.policy_update(models(model, ref), opt, sched,
+                               dataclasses.replace(rb, response_ids=resp, response_mask=mask), args.beta, args)
             return mask.sum(dim=1).float().mean().item()
 
         # Random weights at the tiny shape's 58-id vocabulary do sample the stop id: answers end early there.
@@ -331,7 +340,7 @@ def jitter_rows(model, opts, vocab, stop_ids, pad_id, device, bf16) -> list[dict
             (gc.enable if collector == "on" else gc.disable)()
             watcher.start()
             try:
-                with sdpg.autocast(sdpg.Compute(device, bf16)):
+                with sdpg.autocast(device):
                     sampler.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T, do_sample=True, top_k=0,
                                      eos_token_id=stop_ids, pad_token_id=pad_id, logits_processor=[clock])
             finally:
@@ -401,7 +410,7 @@ def report(meta: dict, rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     opts = parse_cli(argv)
-    device, bf16 = sdpg.pick_device(opts.device)
+    device, bf16 = pick_device(opts.device)
     torch.manual_seed(0)
     model, vocab, pad_id, stop_ids = build_model(opts.shape, device)
     args = sdpg_args(opts, "SDPG", grad_ckpt=False)

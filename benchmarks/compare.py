@@ -19,15 +19,13 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import sdpg  # noqa: E402  (only its argument parser, to compare a finished run's settings)
-
 VARIANTS = {
     "sdpg-urkl": [],
     "sdpg-ufkl": ["--kl-mode", "ufkl"],
@@ -52,35 +50,29 @@ def variant_flags(name: str) -> list[str]:
         "appended (sdpg-urkl-beta0.1)")
 
 
-# Settings that may differ between a finished run and a rerun of the same command.
-NOT_SETTINGS = {"output_dir", "overwrite", "resume", "device", "keep_checkpoints", "save_every"}
+SDPG = os.path.join(ROOT, "sdpg.py")
 
 
-def same_settings(out: str, sdpg_flags: list[str]) -> bool:
-    """Whether the run in `out` (its config.json) was made with these sdpg.py flags."""
-    want = vars(sdpg.parse_args(sdpg_flags))
-    with open(os.path.join(out, "config.json")) as f:
-        have = json.load(f)
-    for key in ("model", "dataset"):  # one folder reached by two paths is the same setting
-        want[key], have[key] = (os.path.realpath(x) if os.path.exists(x) else x for x in (want[key], have[key]))
-    return all(want[k] == have.get(k) for k in want if k not in NOT_SETTINGS)
-
-
-def run(flags: list[str], seed: int, out: str, passthrough: list[str]) -> list[dict]:
-    """One sdpg.py run, or the finished one already in `out` if it has the same settings; returns its
-    metrics rows."""
-    sdpg_flags = [*passthrough, *flags, "--seed", str(seed), "--output-dir", out]
+def run(flags: list[str], seed: int, out: str, passthrough: list[str], script: str = SDPG) -> list[dict]:
+    """One run of `script` (sdpg.py, or a study's trainer that takes its flags), or the finished one already in `out`
+    if the same command made it; returns its metrics rows. An unfinished run in `out` is started again."""
+    argv = [*passthrough, *flags, "--seed", str(seed), "--output-dir", out]
+    command = [os.path.relpath(script, ROOT), *argv]
+    record = os.path.join(out, "command.json")
     if os.path.isdir(os.path.join(out, "final")):
-        if not same_settings(out, sdpg_flags):
-            raise SystemExit(f"error: {out} holds a finished run made with other settings (see its config.json); "
+        if not os.path.isfile(record) or json.load(open(record)) != command:
+            raise SystemExit(f"error: {out} holds a finished run made by another command (see its config.json); "
                              "give another --out, or delete that folder to rerun it")
         print(f"reusing the finished run in {out}", flush=True)
     else:
-        cmd = [sys.executable, os.path.join(ROOT, "sdpg.py"), *sdpg_flags, "--overwrite"]
-        print("running:", shlex.join(cmd[1:]), flush=True)
-        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        shutil.rmtree(out, ignore_errors=True)
+        print("running:", shlex.join(command), flush=True)
+        done = subprocess.run([sys.executable, script, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
         if done.returncode != 0:
             raise SystemExit(f"error: the run in {out} failed:\n{done.stderr[-3000:]}")
+        with open(record, "w") as f:
+            json.dump(command, f)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 

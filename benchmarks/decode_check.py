@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--json", metavar="PATH")
     opts = p.parse_args(argv)
-    device, bf16 = sdpg.pick_device("auto")
+    device, bf16 = bench_sdpg.pick_device("auto")
     torch.manual_seed(0)
     model, vocab, pad_id, stop_ids = bench_sdpg.build_model("qwen2.5-0.5b" if device.type == "cuda" else "tiny",
                                                             device)
@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     check("after refresh_sampler the graph decodes with the new weights", torch.equal(new_graph, new_eager))
     check("and its answers changed", not torch.equal(new_graph, greedy_graph))
 
-    with sdpg.autocast(sdpg.Compute(device, bf16)):
+    with sdpg.autocast(device):
         theirs, _ = sdpg.hf_generate(sampler, ids, mask, T, 0.0, 1.0, stop_ids, pad_id)
     same_rows = (new_graph[:, :theirs.shape[1]] == theirs).all(dim=1)  # (N,)
     results["rows_equal_to_model_generate"] = same_rows.float().mean().item()

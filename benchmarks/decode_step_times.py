@@ -44,7 +44,7 @@ def run(sampler, label: str, new_tokens: int, stop: int) -> None:
     mask = torch.ones_like(ids)
     clock = StepClock()
     t0 = time.perf_counter()
-    with sdpg.autocast(sdpg.Compute(device, big)):  # sdpg.generate's settings, plus the clock
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=big):  # sdpg.generate's settings, and the clock
         out = sampler.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=True,
                                temperature=1.0, top_p=1.0, top_k=0, eos_token_id=[stop], pad_token_id=0,
                                use_cache=True, logits_processor=[clock])

@@ -1,7 +1,7 @@
 """Does the distillation do anything when the teacher knows more than the student? A laptop-scale study.
 
-A tiny model is first taught to read (sdpg.py's pretrain_to_read: repeat an answer that the prompt states,
-on random lessons, never the task), so that its teacher view, shown the answer, is right and its student
+A tiny model is first taught to read (tiny_reader.py's pretrain_to_read: repeat an answer that the prompt
+states, on random lessons, never the task), so that its teacher view, shown the answer, is right and its student
 view is not. Then RL on two tasks made in code: 'toy' (easy: the second digit of a 2-digit number, 1 draw
 in 10 right at the start) and 'toy-reverse' (hard: a 3-digit number reversed, about 1 in 1,000). Each
 variant runs with the same seeds, questions and order:
@@ -10,8 +10,8 @@ variant runs with the same seeds, questions and order:
     python benchmarks/distill_study.py --seeds 0 --variants grpo teacher-reference --steps 20   # a look
 
 One reader is pretrained per seed (OUT/reader-seedS, the same weights for every variant and task of that
-seed); every run is a plain sdpg.py command (benchmarks/compare.py runs it, and reuses a finished run with
-the same settings). Writes RESULTS/summary.json (per task, variant and seed: held-out accuracy of the
+seed, with toy-reverse's file); every run is a command of study_trainer.py, sdpg.py with the study's instruments
+(benchmarks/compare.py runs it, and reuses a finished run of the same command). Writes RESULTS/summary.json (per task, variant and seed: held-out accuracy of the
 student and of the teacher's view at each evaluation, the final accuracy, the first step at which the
 accuracy reaches --reach), RESULTS/summary.md and RESULTS/curves.png (mean over the seeds, lowest to
 highest seed shaded).
@@ -29,8 +29,8 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-import compare  # noqa: E402  (runs one sdpg.py command; the mean-and-spread of curves)
-import sdpg  # noqa: E402
+import compare  # noqa: E402  (runs one command; the mean-and-spread of curves)
+import tiny_reader  # noqa: E402  (the reader's pretraining and toy-reverse)
 
 # Per task: steps, evaluation interval and held-out questions (the hard task has 112), answer length, flags.
 TASKS = {
@@ -65,23 +65,12 @@ VARIANTS = {
 }
 
 
-def make_reader(seed: int, path: str) -> dict:
-    """Pretrains the tiny reader of one seed into `path` (kept when there already); returns its record."""
-    record_path = os.path.join(path, "reading.json")
-    if os.path.isfile(record_path):
-        with open(record_path) as f:
-            return json.load(f)
+STUDY_TRAINER = os.path.join(HERE, "study_trainer.py")
+
+
+def torch_threads() -> None:  # one thread per reader's pretraining, as one per run
     import torch
     torch.set_num_threads(1)
-    t0 = time.time()
-    tokenizer = sdpg.build_char_tokenizer()
-    model = sdpg.build_tiny_model(tokenizer, seed)
-    steps = sdpg.pretrain_to_read(model, tokenizer, seed)
-    record = {"seed": seed, "reading_steps": steps, "reading_s": round(time.time() - t0, 1)}
-    sdpg.save_checkpoint(model, tokenizer, path)
-    with open(record_path, "w") as f:
-        json.dump(record, f)
-    return record
 
 
 def evaluations(rows: list[dict]) -> list[dict]:
@@ -211,17 +200,18 @@ def main() -> None:
     t0 = time.time()
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # each run takes one core; --jobs of them go at once
 
-    with ProcessPoolExecutor(args.jobs) as pool:
-        readers = dict(zip(args.seeds, pool.map(make_reader, args.seeds,
+    with ProcessPoolExecutor(args.jobs, initializer=torch_threads) as pool:
+        readers = dict(zip(args.seeds, pool.map(tiny_reader.make_reader, args.seeds,
                                                 [os.path.join(args.out, f"reader-seed{s}") for s in args.seeds])))
     print("readers:", json.dumps(readers), flush=True)
 
     def one_run(task: str, name: str, seed: int) -> list[dict]:
-        t = TASKS[task]
-        flags = ["--model", os.path.join(args.out, f"reader-seed{seed}"), "--dataset", task, *COMMON,
+        t, reader = TASKS[task], os.path.join(args.out, f"reader-seed{seed}")
+        data = task if task == "toy" else tiny_reader.task_file(reader, seed, t["eval_n"])
+        flags = ["--model", reader, "--dataset", data, *COMMON,
                  "--steps", str(args.steps or t["steps"]), "--eval-every", str(t["eval_every"]),
                  "--eval-n", str(t["eval_n"]), "--max-new-tokens", str(t["max_new_tokens"]), *VARIANTS[name]]
-        return compare.run(flags, seed, os.path.join(args.out, task, name, f"seed{seed}"), [])
+        return compare.run(flags, seed, os.path.join(args.out, task, name, f"seed{seed}"), [], STUDY_TRAINER)
 
     with ThreadPoolExecutor(args.jobs) as pool:  # a thread only waits on its sdpg.py process
         futures = {(task, name, seed): pool.submit(one_run, task, name, seed)

@@ -40,13 +40,13 @@ echo "== 2. benchmark"; timeout 330 python3 benchmarks/bench_sdpg.py "${shape[@]
 echo "== 3. end to end"
 python3 benchmarks/save_shape.py /tmp/qwen-shape "${dims[@]}"
 timeout 120 python3 sdpg.py --model /tmp/qwen-shape --dataset toy "${steps[@]}" --batch-prompts 8 --eval-n 16 \
-  --eval-every 2 --save-every 2 --gradient-checkpointing --output-dir "$out/e2e" --overwrite 2>&1 \
+  --eval-every 2 --save-every 2 --gradient-checkpointing --output-dir "$out/e2e" 2>&1 \
   | tr "\r" "\n" | grep -v "it/s\]" | tee "$out/e2e.log"
 python3 -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('$out/e2e/final'); \
 print('final checkpoint loads')" 2>&1 | tee -a "$out/e2e.log"
 rm -rf "$out/e2e/final" "$out/e2e"/checkpoint-*  # large; the log and metrics are what we keep
 echo "== 4. offline demo"
-( time timeout 90 python3 sdpg.py --model tiny --dataset toy --output-dir /tmp/demo --overwrite ) 2>&1 \
+( time timeout 90 python3 sdpg.py --model tiny --dataset toy --output-dir /tmp/demo-$$ ) 2>&1 \
   | tr "\r" "\n" | grep -v "it/s\]" | tail -8 | tee "$out/demo.log"
 echo "== 5. sampling dtype"; timeout 120 python3 benchmarks/sampling_dtype.py "${sd[@]}" --json "$out/sampling_dtype.json" \
   2>&1 | tee "$out/sampling_dtype.md"

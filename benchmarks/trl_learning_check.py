@@ -38,11 +38,8 @@ def reader(seed: int, path: str):
     """The tiny model of this seed taught to read (the distillation study's reader), pretrained into `path` unless
     it is there, and loaded from there: TRL builds its reference model from the policy's own path."""
     import sdpg
-    if not os.path.isdir(path):
-        tokenizer = sdpg.build_char_tokenizer()
-        model = sdpg.build_tiny_model(tokenizer, seed)
-        sdpg.pretrain_to_read(model, tokenizer, seed)
-        sdpg.save_checkpoint(model, tokenizer, path)
+    import tiny_reader
+    tiny_reader.make_reader(seed, path)
     model, tokenizer = sdpg.load_model(path, seed)
     tokenizer.chat_template = CHAT_TEMPLATE
     return model, tokenizer
@@ -53,24 +50,25 @@ def one_run(variant: str, seed: int, steps: int, eval_every: int, out: str, read
     from transformers import TrainerCallback
 
     import sdpg
+    import tiny_reader
     from trl_sdpg import SDPGConfig, SDPGTrainer, verifier_reward
 
     model, tokenizer = reader(seed, reader_dir)
-    train = sdpg.reverse_examples(16 * steps, seed, held_out=False)
-    held_out = sdpg.reverse_examples(80, seed + 1, held_out=True)
+    train = tiny_reader.reverse_examples(16 * steps, seed, held_out=False)
+    held_out = tiny_reader.reverse_examples(80, seed + 1, held_out=True)
+    eval_args = sdpg.parse_args(["--model", "tiny", "--max-new-tokens", "4", "--batch-prompts", "16"])
     rows = [{"prompt": [{"role": "user", "content": ex["question"]}], "answer": ex["answer"], "solution": ""}
             for ex in train]
 
-    def accuracy(m, context=None) -> float:
-        """Greedy accuracy of m on the held-out questions: the student's view, or with context the teacher's."""
+    def accuracy(m, teacher_view=False) -> float:
+        """Greedy accuracy of m on the held-out questions, on the student's prompt or the teacher's."""
         was_training = m.training
-        right = sdpg.evaluate(m, tokenizer, held_out, "", [tokenizer.eos_token_id], 4, 128, sdpg.pick_device("cpu"),
-                              templates=sdpg.TOY_TEMPLATES, teacher_context=context)
+        right = sdpg.evaluate(m, tokenizer, [tokenizer.eos_token_id], held_out, eval_args, teacher_view)
         m.train(was_training)
         return sum(right) / len(right)
 
     def evaluation(step: int, m) -> dict:  # the policy's teacher view: what teaches in teacher-policy
-        return {"step": step, "accuracy": accuracy(m), "policy_teacher_view": accuracy(m, "solution")}
+        return {"step": step, "accuracy": accuracy(m), "policy_teacher_view": accuracy(m, True)}
 
     evals = [evaluation(0, model)]
 

@@ -20,6 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import sdpg  # noqa: E402
+import torch  # noqa: E402
 
 
 def questions_met(train: list[dict], args: sdpg.Args) -> set[str]:
@@ -36,17 +37,13 @@ def recheck(run_dir: str) -> dict:
         args = sdpg.Args(**json.load(f))
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         logged = [row["eval_accuracy"] for row in map(json.loads, f) if "eval_accuracy" in row][-1]
-    train, held_out = sdpg.load_examples(args.dataset, args.eval_n, args.seed, args.question_field,
-                                         args.answer_field, args.solution_field)
-    device, bf16 = sdpg.pick_device(args.device)
+    train, held_out = sdpg.load_examples(args.dataset, args.eval_n, args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as sdpg.main
     model, tokenizer = sdpg.load_model(os.path.join(run_dir, "final"), args.seed)
     stop_ids = sdpg.stop_token_ids(model, tokenizer)  # final/ keeps the run's generation config
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     sampler = sdpg.make_sampler(model.to(device), bf16)  # evaluated as in the run: the sampler copy
-    correct = sdpg.evaluate(sampler, tokenizer, held_out, args.instruction, stop_ids, args.max_new_tokens,
-                            args.batch_prompts * args.group_size, sdpg.Compute(device, bf16),
-                            templates=sdpg.read_templates(args.student_template, args.teacher_template,
-                                                     sdpg.default_templates(args.dataset)),
-                            reward=sdpg.reward_function(args.verifier))
+    correct = sdpg.evaluate(sampler, tokenizer, stop_ids, held_out, args)
     met = questions_met(train, args)
     unseen = [c for c, ex in zip(correct, held_out) if ex["question"] not in met]
     return {"logged": logged, "recomputed": statistics.mean(correct), "n_seen": len(correct) - len(unseen),

@@ -4,8 +4,8 @@ Two sets. GSM8K's training split: each reference solution is scored as it is (en
 rewritten to end in "So the answer is $\boxed{N}$.", against the gold that sdpg.py takes from it; every one
 is a right answer. A MATH-style set of our own (MATH_STYLE below, written for this script): final answers
 in the forms MATH golds and models use, each boxed at the end of a short completion, right and wrong ones,
-with our hand label of whether a careful grader would accept it. Both verifiers are called as sdpg.py calls
-them (sdpg.reward_function). Writes OUT/verifier_agreement.json (every case) and OUT/verifier_agreement.md.
+with our hand label of whether a careful grader would accept it. Ours is called as sdpg.py calls it (math_reward),
+Math-Verify through math_verify_reward below. Writes OUT/verifier_agreement.json and OUT/verifier_agreement.md.
 
     python benchmarks/verifier_agreement.py --gsm8k GSM8K_TRAIN.jsonl --out benchmarks/results
 """
@@ -21,8 +21,24 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import sdpg  # noqa: E402
-from verifiers import gsm8k_gold  # noqa: E402
+from verifiers import gsm8k_gold, math_reward  # noqa: E402
+
+# Math-Verify (an optional package) reads LaTeX only inside maths delimiters, hence the gold in $...$, and bounds each
+# parse and each comparison with a SIGALRM timeout, which works in the main thread only.
+MATH_VERIFY_TIMEOUT_S = 2
+
+
+def math_verify_reward(completion: str, gold: str) -> float:
+    """Hugging Face's Math-Verify as a (completion, gold) -> 1.0 or 0.0 reward, as math_reward is ours."""
+    import logging
+
+    import math_verify
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its timeout warnings repeat the whole answer
+    if not isinstance(completion, str) or not isinstance(gold, str):
+        return 0.0
+    gold_parsed = math_verify.parse(f"${gold}$", parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+    answer = math_verify.parse(completion, parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+    return float(math_verify.verify(gold_parsed, answer, timeout_seconds=MATH_VERIFY_TIMEOUT_S))  # gold first
 
 MATRIX = r"\begin{pmatrix} 0 & 3 \\ 0 & -1 \end{pmatrix}"
 
@@ -170,7 +186,7 @@ def main() -> None:
     p.add_argument("--gsm8k", required=True, help="GSM8K's train.jsonl (fields question, answer)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="folder for the results")
     a = p.parse_args()
-    ours, theirs = sdpg.reward_function("ours"), sdpg.reward_function("math-verify")
+    ours, theirs = math_reward, math_verify_reward
     t0 = time.time()
     gsm8k = score(gsm8k_completions(a.gsm8k), ours, theirs)
     math_style = score([(completion_of(ans), gold, right, kind, note) for ans, gold, right, kind, note in MATH_STYLE],
@@ -212,7 +228,7 @@ def report(result: dict) -> str:
     lines = [
         "# Our verifier and Math-Verify: agreement", "",
         f"`python benchmarks/verifier_agreement.py --gsm8k GSM8K_TRAIN.jsonl` (math-verify "
-        f"{result['math_verify_version']}, both called through `sdpg.reward_function`; {result['seconds']} s).", "",
+        f"{result['math_verify_version']}, ours as sdpg.py calls it, Math-Verify through `math_verify_reward`; {result['seconds']} s).", "",
         "| set | cases | agree | both accept | both refuse | only ours accepts | only Math-Verify accepts |",
         "|---|---|---|---|---|---|---|"]
     for name, s in (("GSM8K train, reference solutions (#### N and boxed)", g), ("MATH-style, our own cases", m)):

@@ -1,0 +1,222 @@
+"""Does SDPG's own teacher keep its knowledge in a real model? The distillation study on SmolLM2-135M-Instruct.
+
+The tiny study (distill_study.py) found that the policy as its own teacher forgets how to read within 20 steps,
+and that only a frozen teacher lifts a task the student cannot do. Here the same question on a pretrained model:
+SmolLM2-135M-Instruct asked "What is 37 times 43?" (two 2-digit numbers, held out on the pairs whose sum is a
+multiple of 8) is almost never right, but shown the answer and the line "37 * 43 = 1591." it mostly is. So the
+student almost never earns a reward, and the teacher almost always knows. Every variant starts from the same
+model, questions and order:
+
+    python benchmarks/prepare_smollm2.py --out runs/smollm2           # the model and the task files, once
+    python benchmarks/smollm2_teacher_study.py                        # 6 variants x 3 seeds, hours on 2 cores
+    python benchmarks/smollm2_teacher_study.py --seeds 0 --variants beta1-nogate --steps 10   # a look
+
+It continues where it stopped: a run interrupted mid-way continues from its last checkpoint (sdpg.py does that
+when the same command runs again), and a finished run is never run again: its metrics are kept in
+RESULTS/runs/VARIANT-seedS.json (with --commit, committed to git as soon as it finishes, so that they survive a
+move to a fresh machine). Writes RESULTS/summary.json, summary.md and curves.png from every finished run.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+INSTRUCTION = "Answer with one short sentence ending in the number."
+# The model's settings: 2 questions x 8 answers of at most 24 tokens (the teacher's answers need about 20: its
+# greedy accuracy was 0.67 at 16 new tokens and 0.85 at 24), lr 2e-5 (20x the paper's, for a few dozen steps to
+# show a trend), an evaluation of both views on the 100 held-out questions every 10 steps, a checkpoint as often,
+# so that an interrupted run loses at most 10 steps.
+COMMON = ["--dataset", "runs/smollm2/multiply.jsonl", "--model", "runs/smollm2/model", "--instruction", INSTRUCTION,
+          "--batch-prompts", "2", "--group-size", "8", "--max-new-tokens", "24", "--lr", "2e-5", "--micro-batch", "16",
+          "--eval-every", "10", "--eval-n", "100", "--save-every", "10"]
+CONSTANT = ["--beta-warmup", "0", "--beta-decay", "0"]  # beta held constant (the released script's choice)
+DISTIL = ["--beta", "1", "--no-gate", *CONSTANT]  # every reward is 0 at first: the gate would never open
+# A teacher prompt that only states the answer and the solution: no instruction about routes or about not
+# mentioning the answer, whose words might leak into the student.
+PLAIN_TEMPLATE = "{question}\n{instruction}\n\nFinal answer: {answer}\nWorked solution: {solution}"
+VARIANTS = {
+    "beta0": ["--beta", "0"],  # the verifier alone
+    "sdpg-paper": [],  # beta 1e-3, the gate, the warm-up/decay schedule, the policy teaches
+    "beta1-nogate": DISTIL,  # the policy teaches
+    "beta1-nogate-reference": [*DISTIL, "--teacher", "reference"],  # the frozen initial model teaches
+    "beta1-nogate-plain": [*DISTIL, "--teacher-template", "PLAIN"],  # the policy, shown PLAIN_TEMPLATE
+    "beta1-nogate-lr1e-6": [*DISTIL, "--lr", "1e-6"],  # the policy at the paper's lr: may keep its teacher longer
+}
+
+
+def command(variant: str, seed: int, steps: int, out: str) -> list[str]:
+    """The command line of one run, relative to the repository root: sdpg.py, or study_trainer.py for the plain
+    template (the only flag sdpg.py does not have)."""
+    flags = [f if f != "PLAIN" else os.path.join(out, "plain_template.txt") for f in VARIANTS[variant]]
+    script = "benchmarks/study_trainer.py" if "--teacher-template" in flags else "sdpg.py"
+    return [script, *COMMON, "--steps", str(steps), *flags, "--seed", str(seed),
+            "--output-dir", os.path.join(out, variant, f"seed{seed}")]
+
+
+def run(cmd: list[str], record: str, commit: "threading.Lock | None") -> list[dict]:
+    """The metrics rows of one run: from its record if the same command made it, else by running it (continuing
+    its output directory's checkpoint, if any); the record is written (and committed) when it finishes."""
+    if os.path.isfile(record):
+        with open(record) as f:
+            saved = json.load(f)
+        if saved["command"] == cmd:
+            return saved["rows"]
+        raise SystemExit(f"error: {record} was made by another command; delete it to run this one")
+    out = cmd[cmd.index("--output-dir") + 1]
+    if not os.path.isdir(os.path.join(ROOT, out, "final")):
+        print("running:", shlex.join(cmd), flush=True)
+        done = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"error: {shlex.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    with open(os.path.join(ROOT, out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    os.makedirs(os.path.dirname(record), exist_ok=True)
+    with open(record + ".tmp", "w") as f:
+        json.dump({"command": cmd, "rows": rows}, f)
+    os.replace(record + ".tmp", record)
+    if commit is not None:
+        with commit:  # one git command at a time
+            name = os.path.basename(record)[:-5]
+            subprocess.run(["git", "add", record], cwd=ROOT, check=True)
+            subprocess.run(["git", "commit", "-q", "-m", f"SmolLM2 teacher study: {name} finished", "--", record],
+                           cwd=ROOT, check=True)
+    return rows
+
+
+def evaluations(rows: list[dict]) -> list[dict]:
+    return [{"step": r["step"], "student": r["eval_accuracy"], "teacher": r.get("eval_teacher_accuracy")}
+            for r in rows if "eval_accuracy" in r]
+
+
+def run_summary(rows: list[dict]) -> dict:
+    """One run: its evaluations, the first and last, the KLs and entropy over its last 10 steps, its time."""
+    evals, train = evaluations(rows), [r for r in rows if "reward_mean" in r]
+    last = train[-10:]
+
+    def mean_of(key):
+        values = [r[key] for r in last if r.get(key) is not None]
+        return statistics.mean(values) if values else None
+
+    return {"evals": evals, "student_before": evals[0]["student"], "student_final": evals[-1]["student"],
+            "student_best": max(e["student"] for e in evals), "teacher_before": evals[0]["teacher"],
+            "teacher_final": evals[-1]["teacher"], "reward_mean": statistics.mean(r["reward_mean"] for r in train),
+            "kl_distill_last10": mean_of("kl_distill"), "kl_ref_last10": mean_of("kl_ref"),
+            "entropy_last10": mean_of("entropy"), "steps": train[-1]["step"],
+            "run_s": round(sum(r["time_s"] for r in train))}
+
+
+def mean_range(values: list) -> str:
+    """'mean (lowest-highest)' of the values that are not None, '-' if none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    lines = ["| variant | seeds | student before | student final | student best | teacher view before | "
+             "teacher view final | reward, mean over the run | kl_distill, last 10 steps | kl_ref, last 10 steps |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, runs in results.items():
+        if not runs:
+            lines.append(f"| {name} | 0 | not run yet |  |  |  |  |  |  |  |")
+            continue
+        cells = [mean_range([r[key] for r in runs]) for key in ("student_before", "student_final", "student_best",
+                                                                 "teacher_before", "teacher_final", "reward_mean",
+                                                                 "kl_distill_last10", "kl_ref_last10")]
+        lines.append(f"| {name} | {', '.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + ("\n\nmean over the seeds (lowest-highest seed); accuracies: greedy pass@1 on the 100 "
+                               "held-out questions, the student's prompt and the teacher's (the teacher weights of "
+                               "the variant: the policy, or the frozen reference)\n")
+
+
+def plot(results: dict[str, list[dict]], path: str) -> bool:
+    """Student and teacher-view accuracy against step: per variant the mean over its seeds, the range shaded."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no figure (the table is complete)")
+        return False
+    sys.path.insert(0, HERE)
+    from compare import mean_and_spread
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
+    for ax, view in zip(axes, ("student", "teacher")):
+        for colour, (name, runs) in enumerate(results.items()):
+            per_seed = [[(e["step"], e[view]) for e in r["evals"] if e[view] is not None] for r in runs]
+            if not runs or not all(per_seed):
+                continue
+            steps, mean, low, high = mean_and_spread(per_seed)
+            ax.plot(steps, mean, color=f"C{colour}", marker="o", label=f"{name} ({len(runs)} seeds)")
+            ax.fill_between(steps, low, high, color=f"C{colour}", alpha=0.15, linewidth=0)
+        ax.set_xlabel("training step")
+        ax.set_title(f"{view}'s prompt" + (" (the question only)" if view == "student" else " (shown the answer)"))
+    axes[0].set_ylabel("greedy accuracy, 100 held-out questions")
+    axes[1].legend(fontsize=8, title="line: mean over seeds; shaded: lowest to highest")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/smollm2-teacher", help="folder of the runs (relative to the repository)")
+    p.add_argument("--results", default=os.path.join(HERE, "results", "smollm2-teacher"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
+                   help=f"any of {', '.join(VARIANTS)} (default: all)")
+    p.add_argument("--steps", type=int, default=60, help="training steps of every run")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, one CPU thread each")
+    p.add_argument("--commit", action="store_true", help="git-commit each finished run's record as it lands")
+    p.add_argument("--summary-only", action="store_true", help="only write the summary from the records there")
+    args = p.parse_args(argv)
+    for need in ("runs/smollm2/model", "runs/smollm2/multiply.jsonl"):
+        if not args.summary_only and not os.path.exists(os.path.join(ROOT, need)):
+            raise SystemExit(f"error: no {need}: run python benchmarks/prepare_smollm2.py --out runs/smollm2 first")
+    os.makedirs(os.path.join(ROOT, args.out), exist_ok=True)
+    with open(os.path.join(ROOT, args.out, "plain_template.txt"), "w") as f:
+        f.write(PLAIN_TEMPLATE)
+    os.environ["OMP_NUM_THREADS"] = "1"  # each run takes one core; --jobs of them go at once
+    t0 = time.time()
+    jobs = [(name, seed) for seed in args.seeds for name in args.variants]  # seed by seed: 3 seeds land early
+    records = {job: os.path.join(args.results, "runs", f"{job[0]}-seed{job[1]}.json") for job in jobs}
+    results = {name: [] for name in args.variants}
+    if args.summary_only:
+        for (name, seed), record in records.items():
+            if os.path.isfile(record):
+                with open(record) as f:
+                    results[name].append({"seed": seed, **run_summary(json.load(f)["rows"])})
+    else:
+        lock = threading.Lock() if args.commit else None
+        with ThreadPoolExecutor(args.jobs) as pool:  # a thread only waits on its process
+            futures = {job: pool.submit(run, command(*job, args.steps, args.out), records[job], lock) for job in jobs}
+            for (name, seed), future in futures.items():
+                results[name].append({"seed": seed, **run_summary(future.result())})
+    text = table(results)
+    print(text)
+    os.makedirs(args.results, exist_ok=True)
+    settings = f"sdpg.py flags of every run: `{shlex.join(COMMON)} --steps {args.steps}`"
+    with open(os.path.join(args.results, "summary.md"), "w") as f:
+        f.write(f"`python benchmarks/smollm2_teacher_study.py {shlex.join(sys.argv[1:])}`".replace(" `", "`")
+                + f" ({(time.time() - t0) / 60:.0f} min this sitting)\n\n{settings}\n\n{text}")
+    with open(os.path.join(args.results, "summary.json"), "w") as f:
+        json.dump({"common": COMMON, "steps": args.steps, "variants": {n: VARIANTS[n] for n in args.variants},
+                   "plain_template": PLAIN_TEMPLATE, "results": results}, f, indent=1)
+    if plot(results, os.path.join(args.results, "curves.png")):
+        print(f"figure: {os.path.join(args.results, 'curves.png')}")
+
+
+if __name__ == "__main__":
+    main()

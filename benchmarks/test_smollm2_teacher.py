@@ -1,0 +1,103 @@
+"""Tests of the SmolLM2 teacher study's pieces that need no model: its tasks (prepare_smollm2.py) and its
+summary (smollm2_teacher_study.py). CPU only, no network, no training."""
+
+import json
+import os
+import re
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+import prepare_smollm2  # noqa: E402
+import sdpg  # noqa: E402
+import smollm2_teacher_study as study  # noqa: E402
+from verifiers import math_reward  # noqa: E402
+
+
+@pytest.mark.parametrize("task", list(prepare_smollm2.TASKS))
+def test_the_teacher_prompt_holds_the_answer_and_the_student_prompt_never_does(task):
+    make, pairs, _ = prepare_smollm2.TASKS[task]
+    for row in map(lambda pair: make(*pair), pairs):  # every question the task can ask
+        student, teacher = sdpg.prompt_texts(row, study.INSTRUCTION)
+        numbers = re.findall(r"\d+(?:\.\d+)?", student)
+        assert row["answer"] not in numbers and row["answer"] in re.findall(r"\d+(?:\.\d+)?", teacher)
+        assert math_reward(row["solution"], row["answer"]) == 1.0  # the solution ends in the answer
+
+
+@pytest.mark.parametrize("task", list(prepare_smollm2.TASKS))
+def test_held_out_questions_never_occur_in_training(task):
+    rows = prepare_smollm2.task_rows(task, 2000, seed=0)
+    train, held = rows[:2000], rows[2000:]
+    assert len(held) == prepare_smollm2.HELD_OUT == len({r["question"] for r in held})  # no repeats
+    operands = lambda r: tuple(sorted(map(int, re.findall(r"\d+", r["question"]))))  # noqa: E731
+    # multiplication is symmetric: "43 times 37" must not be trained when "37 times 43" is held out
+    key = operands if task == "multiply" else (lambda r: r["question"])
+    assert not {key(r) for r in held} & {key(r) for r in train}
+    assert prepare_smollm2.task_rows(task, 2000, seed=0) == rows  # the same file from the same seed
+
+
+@pytest.mark.parametrize("said, gold, reward", [
+    ("37 times 43 is 1,591.", "1591", 1.0),  # the thousands separator the model writes
+    ("The answer is 1591.", "1591", 1.0),
+    ("So 37 * 43 = 1591", "1591", 1.0),
+    ("37 times 43 is 1,590.", "1591", 0.0),
+    ("37 times 43 is 159.", "1591", 0.0),
+    ("37 divided by 8 is 4.625.", "4.625", 1.0),
+    ("The result is 4.63.", "4.625", 0.0),  # no tolerance: a rounded answer is wrong
+    ("It is 4.6250", "4.625", 1.0),
+])
+def test_the_verifier_reads_the_forms_the_model_writes(said, gold, reward):
+    assert math_reward(said, gold) == reward
+
+
+def _rows(evals: list[tuple[int, float, float | None]], kl: float | None, steps: int = 20) -> list[dict]:
+    """A fabricated metrics file: one row per training step, evaluations at the given steps."""
+    rows = []
+    for step in range(steps + 1):
+        row = {"step": step}
+        if step:
+            row.update(reward_mean=0.1 * (step % 2), kl_distill=kl, kl_ref=0.5, entropy=1.0, time_s=2.0)
+        ev = next((e for e in evals if e[0] == step), None)
+        if ev:
+            row.update(eval_accuracy=ev[1], **({} if ev[2] is None else {"eval_teacher_accuracy": ev[2]}))
+        rows.append(row)
+    return rows
+
+
+def test_the_summary_writes_the_means_and_ranges_a_hand_computation_gives():
+    runs = {"beta1-nogate": [_rows([(0, 0.02, 0.80), (10, 0.00, 0.10), (20, 0.04, 0.00)], kl=0.3),
+                             _rows([(0, 0.04, 0.90), (10, 0.00, 0.30), (20, 0.02, 0.20)], kl=0.5),
+                             _rows([(0, 0.09, 0.70), (10, 0.01, 0.20), (20, 0.00, 0.60)], kl=1.0)],
+            "beta0": [_rows([(0, 0.03, None), (20, 0.05, None)], kl=None)]}
+    results = {name: [{"seed": s, **study.run_summary(rows)} for s, rows in enumerate(v)] for name, v in runs.items()}
+    first = results["beta1-nogate"][0]
+    assert (first["student_before"], first["student_final"], first["student_best"]) == (0.02, 0.04, 0.04)
+    assert (first["teacher_before"], first["teacher_final"]) == (0.80, 0.00)
+    assert first["reward_mean"] == pytest.approx(0.05) and first["run_s"] == 40 and first["steps"] == 20
+    assert first["kl_distill_last10"] == pytest.approx(0.3) and results["beta0"][0]["kl_distill_last10"] is None
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in study.table(results).splitlines()
+            if line.startswith("| beta")}
+    # by hand: student before (0.02 + 0.04 + 0.09) / 3 = 0.05, final 0.02, best (0.04 + 0.04 + 0.09) / 3 = 0.057;
+    # teacher view before 0.80, final (0.00 + 0.20 + 0.60) / 3 = 0.267; kl_distill (0.3 + 0.5 + 1.0) / 3 = 0.6
+    assert rows["beta1-nogate"][1:8] == ["0, 1, 2", "0.05 (0.02-0.09)", "0.02 (0.00-0.04)", "0.06 (0.04-0.09)",
+                                         "0.80 (0.70-0.90)", "0.27 (0.00-0.60)", "0.05 (0.05-0.05)"]
+    assert rows["beta1-nogate"][8] == "0.60 (0.30-1.00)"
+    assert rows["beta0"][5] == "-" and rows["beta0"][2] == "0.03 (0.03-0.03)"  # no teacher view without a teacher
+
+
+def test_each_variant_is_one_command_and_a_finished_run_is_reused(tmp_path):
+    cmd = study.command("beta1-nogate-plain", 2, 40, "runs/x")
+    assert cmd[0] == "benchmarks/study_trainer.py" and cmd[cmd.index("--teacher-template") + 1] == os.path.join(
+        "runs/x", "plain_template.txt")
+    assert study.command("beta1-nogate-reference", 2, 40, "runs/x")[0] == "sdpg.py"
+    parsed = sdpg.parse_args(study.command("beta1-nogate-reference", 2, 40, "runs/x")[1:])
+    assert (parsed.beta, parsed.gate, parsed.teacher, parsed.steps, parsed.seed) == (1.0, False, "reference", 40, 2)
+    assert parsed.output_dir == os.path.join("runs/x", "beta1-nogate-reference", "seed2")
+    record = tmp_path / "r.json"
+    rows = _rows([(0, 0.0, 1.0), (20, 0.0, 0.5)], kl=0.1)
+    record.write_text(json.dumps({"command": cmd, "rows": rows}))
+    assert study.run(cmd, str(record), None) == rows  # no process is started: the record is the run
+    with pytest.raises(SystemExit, match="made by another command"):
+        study.run(study.command("beta1-nogate-plain", 3, 40, "runs/x"), str(record), None)
