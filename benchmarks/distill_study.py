@@ -11,10 +11,10 @@ variant runs with the same seeds, questions and order:
 
 One reader is pretrained per seed (OUT/reader-seedS, the same weights for every variant and task of that
 seed, with toy-reverse's file); every run is a command of study_trainer.py, sdpg.py with the study's instruments
-(benchmarks/compare.py runs it, and reuses a finished run of the same command). Writes RESULTS/summary.json (per task, variant and seed: held-out accuracy of the
-student and of the teacher's view at each evaluation, the final accuracy, the first step at which the
-accuracy reaches --reach), RESULTS/summary.md and RESULTS/curves.png (mean over the seeds, lowest to
-highest seed shaded).
+(benchmarks/compare.py runs it, and reuses a finished run of the same command). Writes RESULTS/summary.json (per
+task, variant and seed: held-out accuracy of the student and of the teacher's view at each evaluation, the final
+accuracy, the first step at which the accuracy reaches --reach), RESULTS/summary.md and RESULTS/curves.png (mean
+over the seeds, lowest to highest seed shaded).
 """
 
 import argparse

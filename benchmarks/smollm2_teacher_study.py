@@ -86,11 +86,16 @@ def run(cmd: list[str], record: str, commit: "threading.Lock | None") -> list[di
         json.dump({"command": cmd, "rows": rows}, f)
     os.replace(record + ".tmp", record)
     if commit is not None:
-        with commit:  # one git command at a time
+        with commit:  # one git command at a time; retried, since someone may be committing beside the study
             name = os.path.basename(record)[:-5]
-            subprocess.run(["git", "add", record], cwd=ROOT, check=True)
-            subprocess.run(["git", "commit", "-q", "-m", f"SmolLM2 teacher study: {name} finished", "--", record],
-                           cwd=ROOT, check=True)
+            for _ in range(10):
+                if not subprocess.run(["git", "add", record], cwd=ROOT).returncode and not subprocess.run(
+                        ["git", "commit", "-q", "-m", f"SmolLM2 teacher study: {name} finished", "--", record],
+                        cwd=ROOT).returncode:
+                    break
+                time.sleep(5)
+            else:
+                print(f"warning: could not commit {record}; commit it by hand", flush=True)
     return rows
 
 

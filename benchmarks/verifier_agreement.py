@@ -228,7 +228,8 @@ def report(result: dict) -> str:
     lines = [
         "# Our verifier and Math-Verify: agreement", "",
         f"`python benchmarks/verifier_agreement.py --gsm8k GSM8K_TRAIN.jsonl` (math-verify "
-        f"{result['math_verify_version']}, ours as sdpg.py calls it, Math-Verify through `math_verify_reward`; {result['seconds']} s).", "",
+        f"{result['math_verify_version']}, ours as sdpg.py calls it, Math-Verify through `math_verify_reward`; "
+        f"{result['seconds']} s).", "",
         "| set | cases | agree | both accept | both refuse | only ours accepts | only Math-Verify accepts |",
         "|---|---|---|---|---|---|---|"]
     for name, s in (("GSM8K train, reference solutions (#### N and boxed)", g), ("MATH-style, our own cases", m)):

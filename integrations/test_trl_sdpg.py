@@ -18,6 +18,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE, os.path.join(ROOT, "benchmarks")]
 
 import sdpg  # noqa: E402
+import tiny_reader  # noqa: E402  (toy-reverse's questions)
 from datasets import Dataset  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 from trl_sdpg import SDPGConfig, SDPGTrainer, verifier_reward  # noqa: E402
@@ -27,7 +28,7 @@ CHAT = "q: {{ messages[-1]['content'] }}\na: "  # for the character tokenizer: s
 
 def _rows(n: int, solution: str = "digits backwards"):
     return Dataset.from_list([{"prompt": [{"role": "user", "content": ex["question"]}], "answer": ex["answer"],
-                               "solution": solution} for ex in sdpg.reverse_examples(n, 0, held_out=False)])
+                               "solution": solution} for ex in tiny_reader.reverse_examples(n, 0, held_out=False)])
 
 
 def _trainer(tmp_path, cls=SDPGTrainer, model=None, data=None, peft_config=None, **overrides):
