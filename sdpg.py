@@ -290,7 +290,7 @@ WEIGHT_DECAY, LR_WARMUP, MAX_GRAD_NORM, CLIP_LOW, CLIP_C = 0.1, 10, 1.0, 0.2, 10
 class Models(NamedTuple):
     """The weights of a run: ONE policy, read through two prompts, and a frozen copy of where it started."""
     policy: nn.Module  # trained; float32 weights (AdamW's 1e-6 steps would round away in bf16)
-    reference: nn.Module | None  # the frozen initial weights (the KL anchor); None with --alpha 0 if it does not teach
+    reference: nn.Module | None  # the frozen initial weights: the anchor, or the teacher; None if neither (--alpha 0)
     teacher: nn.Module  # reads the privileged prompt: the policy itself (SDPG), or the reference (--teacher reference)
     sampler: nn.Module  # generates: the policy itself, or on CUDA its bf16 copy, refreshed before each rollout
     tokenizer: object
