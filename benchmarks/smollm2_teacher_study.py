@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -85,6 +86,9 @@ def run(cmd: list[str], record: str, commit: "threading.Lock | None") -> list[di
     with open(record + ".tmp", "w") as f:
         json.dump({"command": cmd, "rows": rows}, f)
     os.replace(record + ".tmp", record)
+    for name in os.listdir(os.path.join(ROOT, out)):  # 1.6 GB each; the record and final/ are what is kept
+        if name.startswith("checkpoint-"):
+            shutil.rmtree(os.path.join(ROOT, out, name))
     if commit is not None:
         with commit:  # one git command at a time; retried, since someone may be committing beside the study
             name = os.path.basename(record)[:-5]
