@@ -10,6 +10,7 @@ model, questions and order:
     python benchmarks/prepare_smollm2.py --out runs/smollm2           # the model and the task files, once
     python benchmarks/smollm2_teacher_study.py                        # 6 variants x 3 seeds, hours on 2 cores
     python benchmarks/smollm2_teacher_study.py --seeds 0 --variants beta1-nogate --steps 10   # a look
+    python benchmarks/smollm2_teacher_study.py --before           # both tasks' accuracy before any RL, 15 min
 
 It continues where it stopped: a run interrupted mid-way continues from its last checkpoint (sdpg.py does that
 when the same command runs again), and a finished run is never run again: its metrics are kept in
@@ -179,6 +180,34 @@ def plot(results: dict[str, list[dict]], path: str) -> bool:
     return True
 
 
+BEFORE_VIEWS = {"student": None, "teacher, sdpg.py's prompt": "TEACHER_TEMPLATE", "teacher, plain prompt": "PLAIN"}
+
+
+def before_rl(tasks: tuple[str, ...] = ("multiply", "divide"), lengths: tuple[int, ...] = (16, 24, 32)) -> dict:
+    """Greedy accuracy of the untrained model on each task's 100 held-out questions (the ones every run's
+    evaluation asks), in the student's view and in both teacher views, at each answer length in tokens; answered
+    in batches of 16 as the runs' evaluations are, so the 24-token row equals their step-0 evaluation."""
+    sys.path.insert(0, ROOT)
+    import sdpg
+    model, tokenizer = sdpg.load_model(os.path.join(ROOT, "runs/smollm2/model"), 0)
+    stop = sdpg.stop_token_ids(model, tokenizer)
+    table = {}
+    for task in tasks:
+        _, held_out = sdpg.load_examples(os.path.join(ROOT, f"runs/smollm2/{task}.jsonl"), 100, 0)
+        for view, template in BEFORE_VIEWS.items():
+            template = {None: sdpg.STUDENT_TEMPLATE, "PLAIN": PLAIN_TEMPLATE}.get(template, sdpg.TEACHER_TEMPLATE)
+            texts = [sdpg.fill_template(template, {"instruction": INSTRUCTION, **ex}) for ex in held_out]
+            golds = [ex["answer"] for ex in held_out]
+            for n in lengths:
+                right = []
+                for i in range(0, len(texts), 16):
+                    right += sdpg.answer_and_grade(model, tokenizer, stop, texts[i:i + 16], golds[i:i + 16], n,
+                                                   0.0)[-1].tolist()
+                table[f"{task} | {view} | {n}"] = sum(right) / len(right)
+                print(task, view, n, table[f"{task} | {view} | {n}"], flush=True)
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/smollm2-teacher", help="folder of the runs (relative to the repository)")
@@ -190,10 +219,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one CPU thread each")
     p.add_argument("--commit", action="store_true", help="git-commit each finished run's record as it lands")
     p.add_argument("--summary-only", action="store_true", help="only write the summary from the records there")
+    p.add_argument("--before", action="store_true", help="only measure both tasks before any RL: RESULTS/before_rl.*")
     args = p.parse_args(argv)
     for need in ("runs/smollm2/model", "runs/smollm2/multiply.jsonl"):
         if not args.summary_only and not os.path.exists(os.path.join(ROOT, need)):
             raise SystemExit(f"error: no {need}: run python benchmarks/prepare_smollm2.py --out runs/smollm2 first")
+    if args.before:
+        threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
+        table = before_rl()
+        os.makedirs(args.results, exist_ok=True)
+        with open(os.path.join(args.results, "before_rl.json"), "w") as f:
+            json.dump(table, f, indent=1)
+        with open(os.path.join(args.results, "before_rl.md"), "w") as f:
+            f.write(f"`python benchmarks/smollm2_teacher_study.py --before` ({threads} thread(s)): greedy "
+                    "accuracy of the untrained SmolLM2-135M-Instruct on each task's 100 held-out questions, the "
+                    f"instruction \"{INSTRUCTION}\"\n\n| task | prompt | new tokens | accuracy |\n|---|---|---|---|\n"
+                    + "".join(f"| {key} | {value:.2f} |\n" for key, value in table.items()))
+        return
     os.makedirs(os.path.join(ROOT, args.out), exist_ok=True)
     with open(os.path.join(ROOT, args.out, "plain_template.txt"), "w") as f:
         f.write(PLAIN_TEMPLATE)
