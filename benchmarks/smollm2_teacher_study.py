@@ -126,12 +126,12 @@ def run_summary(rows: list[dict]) -> dict:
             "run_s": round(sum(r["time_s"] for r in train))}
 
 
-def mean_range(values: list) -> str:
+def mean_range(values: list, digits: int = 2) -> str:
     """'mean (lowest-highest)' of the values that are not None, '-' if none."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    return f"{statistics.mean(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+    return f"{statistics.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def table(results: dict[str, list[dict]]) -> str:
@@ -142,9 +142,9 @@ def table(results: dict[str, list[dict]]) -> str:
         if not runs:
             lines.append(f"| {name} | 0 | not run yet |  |  |  |  |  |  |  |")
             continue
-        cells = [mean_range([r[key] for r in runs]) for key in ("student_before", "student_final", "student_best",
-                                                                 "teacher_before", "teacher_final", "reward_mean",
-                                                                 "kl_distill_last10", "kl_ref_last10")]
+        keys = ("student_before", "student_final", "student_best", "teacher_before", "teacher_final", "reward_mean",
+                "kl_distill_last10", "kl_ref_last10")
+        cells = [mean_range([r[key] for r in runs], 3 if key == "reward_mean" else 2) for key in keys]
         lines.append(f"| {name} | {', '.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + ("\n\nmean over the seeds (lowest-highest seed); accuracies: greedy pass@1 on the 100 "
                                "held-out questions, the student's prompt and the teacher's (the teacher weights of "
@@ -180,9 +180,6 @@ def plot(results: dict[str, list[dict]], path: str) -> bool:
     return True
 
 
-BEFORE_VIEWS = {"student": None, "teacher, sdpg.py's prompt": "TEACHER_TEMPLATE", "teacher, plain prompt": "PLAIN"}
-
-
 def before_rl(tasks: tuple[str, ...] = ("multiply", "divide"), lengths: tuple[int, ...] = (16, 24, 32)) -> dict:
     """Greedy accuracy of the untrained model on each task's 100 held-out questions (the ones every run's
     evaluation asks), in the student's view and in both teacher views, at each answer length in tokens; answered
@@ -191,11 +188,12 @@ def before_rl(tasks: tuple[str, ...] = ("multiply", "divide"), lengths: tuple[in
     import sdpg
     model, tokenizer = sdpg.load_model(os.path.join(ROOT, "runs/smollm2/model"), 0)
     stop = sdpg.stop_token_ids(model, tokenizer)
-    table = {}
+    views = {"student": sdpg.STUDENT_TEMPLATE, "teacher, sdpg.py's prompt": sdpg.TEACHER_TEMPLATE,
+             "teacher, plain prompt": PLAIN_TEMPLATE}
+    accuracy = {}
     for task in tasks:
         _, held_out = sdpg.load_examples(os.path.join(ROOT, f"runs/smollm2/{task}.jsonl"), 100, 0)
-        for view, template in BEFORE_VIEWS.items():
-            template = {None: sdpg.STUDENT_TEMPLATE, "PLAIN": PLAIN_TEMPLATE}.get(template, sdpg.TEACHER_TEMPLATE)
+        for view, template in views.items():
             texts = [sdpg.fill_template(template, {"instruction": INSTRUCTION, **ex}) for ex in held_out]
             golds = [ex["answer"] for ex in held_out]
             for n in lengths:
@@ -203,9 +201,9 @@ def before_rl(tasks: tuple[str, ...] = ("multiply", "divide"), lengths: tuple[in
                 for i in range(0, len(texts), 16):
                     right += sdpg.answer_and_grade(model, tokenizer, stop, texts[i:i + 16], golds[i:i + 16], n,
                                                    0.0)[-1].tolist()
-                table[f"{task} | {view} | {n}"] = sum(right) / len(right)
-                print(task, view, n, table[f"{task} | {view} | {n}"], flush=True)
-    return table
+                accuracy[f"{task} | {view} | {n}"] = sum(right) / len(right)
+                print(task, view, n, accuracy[f"{task} | {view} | {n}"], flush=True)
+    return accuracy
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -226,15 +224,15 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: no {need}: run python benchmarks/prepare_smollm2.py --out runs/smollm2 first")
     if args.before:
         threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
-        table = before_rl()
+        accuracy = before_rl()
         os.makedirs(args.results, exist_ok=True)
         with open(os.path.join(args.results, "before_rl.json"), "w") as f:
-            json.dump(table, f, indent=1)
+            json.dump(accuracy, f, indent=1)
         with open(os.path.join(args.results, "before_rl.md"), "w") as f:
             f.write(f"`python benchmarks/smollm2_teacher_study.py --before` ({threads} thread(s)): greedy "
                     "accuracy of the untrained SmolLM2-135M-Instruct on each task's 100 held-out questions, the "
                     f"instruction \"{INSTRUCTION}\"\n\n| task | prompt | new tokens | accuracy |\n|---|---|---|---|\n"
-                    + "".join(f"| {key} | {value:.2f} |\n" for key, value in table.items()))
+                    + "".join(f"| {key} | {value:.2f} |\n" for key, value in accuracy.items()))
         return
     os.makedirs(os.path.join(ROOT, args.out), exist_ok=True)
     with open(os.path.join(ROOT, args.out, "plain_template.txt"), "w") as f:

@@ -82,7 +82,7 @@ def test_the_summary_writes_the_means_and_ranges_a_hand_computation_gives():
     # by hand: student before (0.02 + 0.04 + 0.09) / 3 = 0.05, final 0.02, best (0.04 + 0.04 + 0.09) / 3 = 0.057;
     # teacher view before 0.80, final (0.00 + 0.20 + 0.60) / 3 = 0.267; kl_distill (0.3 + 0.5 + 1.0) / 3 = 0.6
     assert rows["beta1-nogate"][1:8] == ["0, 1, 2", "0.05 (0.02-0.09)", "0.02 (0.00-0.04)", "0.06 (0.04-0.09)",
-                                         "0.80 (0.70-0.90)", "0.27 (0.00-0.60)", "0.05 (0.05-0.05)"]
+                                         "0.80 (0.70-0.90)", "0.27 (0.00-0.60)", "0.050 (0.050-0.050)"]
     assert rows["beta1-nogate"][8] == "0.60 (0.30-1.00)"
     assert rows["beta0"][5] == "-" and rows["beta0"][2] == "0.03 (0.03-0.03)"  # no teacher view without a teacher
 
