@@ -169,12 +169,13 @@ def plot(results: dict[str, list[dict]], path: str) -> bool:
             if not runs or not all(per_seed):
                 continue
             steps, mean, low, high = mean_and_spread(per_seed)
-            ax.plot(steps, mean, color=f"C{colour}", marker="o", label=f"{name} ({len(runs)} seeds)")
+            ax.plot(steps, mean, color=f"C{colour}", marker="osD^vx"[colour % 6], markersize=4 + 1.5 * colour,
+                    zorder=9 - colour, label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")  # smaller on top
             ax.fill_between(steps, low, high, color=f"C{colour}", alpha=0.15, linewidth=0)
         ax.set_xlabel("training step")
         ax.set_title(f"{view}'s prompt" + (" (the question only)" if view == "student" else " (shown the answer)"))
     axes[0].set_ylabel("greedy accuracy, 100 held-out questions")
-    axes[1].legend(fontsize=8, title="line: mean over seeds; shaded: lowest to highest")
+    axes[0].legend(fontsize=8, title="line: mean over seeds; shaded: lowest to highest", title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
