@@ -151,6 +151,18 @@ def table(results: dict[str, list[dict]]) -> str:
                                "the variant: the policy, or the frozen reference)\n")
 
 
+def by_step(results: dict[str, list[dict]]) -> str:
+    """Every evaluation: per variant and view, the mean over its seeds at each step (lowest-highest seed)."""
+    steps = sorted({e["step"] for runs in results.values() for r in runs for e in r["evals"]})
+    lines = ["| variant | prompt | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for name, runs in results.items():
+        for view in ("student", "teacher"):
+            cells = [mean_range([e[view] for r in runs for e in r["evals"] if e["step"] == s]) for s in steps]
+            if runs and any(c != "-" for c in cells):
+                lines.append(f"| {name} | {view} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: dict[str, list[dict]], path: str) -> bool:
     """Student and teacher-view accuracy against step: per variant the mean over its seeds, the range shaded."""
     try:
@@ -254,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
             futures = {job: pool.submit(run, command(*job, args.steps, args.out), records[job], lock) for job in jobs}
             for (name, seed), future in futures.items():
                 results[name].append({"seed": seed, **run_summary(future.result())})
-    text = table(results)
+    text = table(results) + "\nEvery evaluation, greedy accuracy on the 100 held-out questions:\n\n" + by_step(results)
     print(text)
     os.makedirs(args.results, exist_ok=True)
     settings = f"sdpg.py flags of every run: `{shlex.join(COMMON)} --steps {args.steps}`"

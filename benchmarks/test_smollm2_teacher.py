@@ -85,6 +85,11 @@ def test_the_summary_writes_the_means_and_ranges_a_hand_computation_gives():
                                          "0.80 (0.70-0.90)", "0.27 (0.00-0.60)", "0.050 (0.050-0.050)"]
     assert rows["beta1-nogate"][8] == "0.60 (0.30-1.00)"
     assert rows["beta0"][5] == "-" and rows["beta0"][2] == "0.03 (0.03-0.03)"  # no teacher view without a teacher
+    steps = {tuple(line.split(" | ")[:2]): line.split(" | ")[2:] for line in study.by_step(results).splitlines()}
+    # by hand, the teacher view at step 10: (0.10 + 0.30 + 0.20) / 3 = 0.20; beta0 was not evaluated at step 10
+    assert steps[("| beta1-nogate", "teacher")][1] == "0.20 (0.10-0.30)"
+    assert steps[("| beta0", "student")][:3] == ["0.03 (0.03-0.03)", "-", "0.05 (0.05-0.05) |"]
+    assert ("| beta0", "teacher") not in steps
 
 
 def test_each_variant_is_one_command_and_a_finished_run_is_reused(tmp_path):
