@@ -10,7 +10,7 @@ model, questions and order:
     python benchmarks/prepare_smollm2.py --out runs/smollm2           # the model and the task files, once
     python benchmarks/smollm2_teacher_study.py                        # 6 variants x 3 seeds, hours on 2 cores
     python benchmarks/smollm2_teacher_study.py --seeds 0 --variants beta1-nogate --steps 10   # a look
-    python benchmarks/smollm2_teacher_study.py --before           # both tasks' accuracy before any RL, 15 min
+    python benchmarks/smollm2_teacher_study.py --before           # both tasks before any RL, 20 min
 
 It continues where it stopped: a run interrupted mid-way continues from its last checkpoint (sdpg.py does that
 when the same command runs again), and a finished run is never run again: its metrics are kept in
