@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -195,8 +196,8 @@ def plot(results: dict[str, list[dict]], path: str) -> bool:
 
 def before_rl(tasks: tuple[str, ...] = ("multiply", "divide"), lengths: tuple[int, ...] = (16, 24, 32)) -> dict:
     """Greedy accuracy of the untrained model on each task's 100 held-out questions (the ones every run's
-    evaluation asks), in the student's view and in both teacher views, at each answer length in tokens; answered
-    in batches of 16 as the runs' evaluations are, so the 24-token row equals their step-0 evaluation."""
+    evaluation asks), in the student's view and in both teacher views, at each answer length in tokens: by
+    sdpg.evaluate itself, in batches of 16 as in the runs, so the 24-token row equals their step-0 evaluation."""
     sys.path.insert(0, ROOT)
     import sdpg
     model, tokenizer = sdpg.load_model(os.path.join(ROOT, "runs/smollm2/model"), 0)
@@ -207,13 +208,11 @@ def before_rl(tasks: tuple[str, ...] = ("multiply", "divide"), lengths: tuple[in
     for task in tasks:
         _, held_out = sdpg.load_examples(os.path.join(ROOT, f"runs/smollm2/{task}.jsonl"), 100, 0)
         for view, template in views.items():
-            texts = [sdpg.fill_template(template, {"instruction": INSTRUCTION, **ex}) for ex in held_out]
-            golds = [ex["answer"] for ex in held_out]
             for n in lengths:
-                right = []
-                for i in range(0, len(texts), 16):
-                    right += sdpg.answer_and_grade(model, tokenizer, stop, texts[i:i + 16], golds[i:i + 16], n,
-                                                   0.0)[-1].tolist()
+                args = argparse.Namespace(instruction=INSTRUCTION, batch_prompts=2, group_size=8, max_new_tokens=n)
+                # evaluate reads its prompts from templates_for(tokenizer): this view's template for the student's
+                with mock.patch.object(sdpg, "templates_for", lambda tok: (template, template)):
+                    right = sdpg.evaluate(model, tokenizer, stop, held_out, args)
                 accuracy[f"{task} | {view} | {n}"] = sum(right) / len(right)
                 print(task, view, n, accuracy[f"{task} | {view} | {n}"], flush=True)
     return accuracy
