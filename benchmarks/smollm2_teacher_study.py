@@ -82,6 +82,8 @@ def run(cmd: list[str], record: str, commit: "threading.Lock | None") -> list[di
                               text=True)
         if done.returncode != 0:
             raise SystemExit(f"error: {shlex.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        if not os.path.isdir(os.path.join(ROOT, out, "final")):  # stopped by a signal: it saved a checkpoint
+            raise SystemExit(f"stopped before the end: {out} continues from its last checkpoint when rerun")
     with open(os.path.join(ROOT, out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     os.makedirs(os.path.dirname(record), exist_ok=True)

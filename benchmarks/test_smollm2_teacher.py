@@ -4,6 +4,7 @@ summary (smollm2_teacher_study.py). CPU only, no network, no training."""
 import json
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -106,3 +107,21 @@ def test_each_variant_is_one_command_and_a_finished_run_is_reused(tmp_path):
     assert study.run(cmd, str(record), None) == rows  # no process is started: the record is the run
     with pytest.raises(SystemExit, match="made by another command"):
         study.run(study.command("beta1-nogate-plain", 3, 40, "runs/x"), str(record), None)
+
+
+def test_a_run_stopped_by_a_signal_leaves_no_record_and_a_finished_one_does(tmp_path, monkeypatch):
+    # sdpg.py exits 0 after SIGTERM too (it saves a checkpoint): only final/ tells a finished run from a stopped one
+    cmd, rows = study.command("beta0", 0, 20, "runs/x"), _rows([(0, 0.0, None), (20, 0.1, None)], kl=0.0)
+    out = tmp_path / "runs/x/beta0/seed0"
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "checkpoint-10").mkdir()
+    monkeypatch.setattr(study, "ROOT", str(tmp_path))
+    monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "", ""))
+    record = tmp_path / "r.json"
+    with pytest.raises(SystemExit, match="stopped before the end"):
+        study.run(cmd, str(record), None)
+    assert not record.exists() and (out / "checkpoint-10").is_dir()
+    (out / "final").mkdir()
+    assert study.run(cmd, str(record), None) == rows
+    assert json.loads(record.read_text()) == {"command": cmd, "rows": rows} and not (out / "checkpoint-10").exists()
