@@ -11,6 +11,7 @@ model, questions and order:
     python benchmarks/smollm2_teacher_study.py                        # 6 variants x 3 seeds, hours on 2 cores
     python benchmarks/smollm2_teacher_study.py --seeds 0 --variants beta1-nogate --steps 10   # a look
     python benchmarks/smollm2_teacher_study.py --before           # both tasks before any RL, 20 min
+    python benchmarks/smollm2_teacher_study.py --after            # do the collapsed teachers still read? 10 min
 
 It continues where it stopped: a run interrupted mid-way continues from its last checkpoint (sdpg.py does that
 when the same command runs again), and a finished run is never run again: its metrics are kept in
@@ -196,28 +197,74 @@ def plot(results: dict[str, list[dict]], path: str) -> bool:
     return True
 
 
+def view_accuracy(model, tokenizer, held_out: list[dict], template: str, max_new_tokens: int = 24) -> float:
+    """Greedy accuracy on held_out with `template` as the prompt (its slots filled from each question): by
+    sdpg.evaluate itself, in batches of 16 as in the runs, so that it equals their evaluations on the same prompt."""
+    import sdpg
+    args = argparse.Namespace(instruction=INSTRUCTION, batch_prompts=2, group_size=8, max_new_tokens=max_new_tokens)
+    with mock.patch.object(sdpg, "templates_for", lambda tok: (template, template)):  # where evaluate's prompts are
+        right = sdpg.evaluate(model, tokenizer, sdpg.stop_token_ids(model, tokenizer), held_out, args)
+    return sum(right) / len(right)
+
+
+def prompts() -> dict[str, str]:
+    import sdpg
+    return {"student": sdpg.STUDENT_TEMPLATE, "teacher, sdpg.py's prompt": sdpg.TEACHER_TEMPLATE,
+            "teacher, plain prompt": PLAIN_TEMPLATE}
+
+
 def before_rl(tasks: tuple[str, ...] = ("multiply", "divide"), lengths: tuple[int, ...] = (16, 24, 32)) -> dict:
     """Greedy accuracy of the untrained model on each task's 100 held-out questions (the ones every run's
-    evaluation asks), in the student's view and in both teacher views, at each answer length in tokens: by
-    sdpg.evaluate itself, in batches of 16 as in the runs, so the 24-token row equals their step-0 evaluation."""
-    sys.path.insert(0, ROOT)
+    evaluation asks), in the student's view and in both teacher views, at each answer length in tokens."""
     import sdpg
     model, tokenizer = sdpg.load_model(os.path.join(ROOT, "runs/smollm2/model"), 0)
-    stop = sdpg.stop_token_ids(model, tokenizer)
-    views = {"student": sdpg.STUDENT_TEMPLATE, "teacher, sdpg.py's prompt": sdpg.TEACHER_TEMPLATE,
-             "teacher, plain prompt": PLAIN_TEMPLATE}
     accuracy = {}
     for task in tasks:
         _, held_out = sdpg.load_examples(os.path.join(ROOT, f"runs/smollm2/{task}.jsonl"), 100, 0)
-        for view, template in views.items():
+        for view, template in prompts().items():
             for n in lengths:
-                args = argparse.Namespace(instruction=INSTRUCTION, batch_prompts=2, group_size=8, max_new_tokens=n)
-                # evaluate reads its prompts from templates_for(tokenizer): this view's template for the student's
-                with mock.patch.object(sdpg, "templates_for", lambda tok: (template, template)):
-                    right = sdpg.evaluate(model, tokenizer, stop, held_out, args)
-                accuracy[f"{task} | {view} | {n}"] = sum(right) / len(right)
+                accuracy[f"{task} | {view} | {n}"] = view_accuracy(model, tokenizer, held_out, template, n)
                 print(task, view, n, accuracy[f"{task} | {view} | {n}"], flush=True)
     return accuracy
+
+
+def after_rl(out: str, seeds: list[int]) -> dict:
+    """Does a collapsed teacher still read? Each policy-teacher run's final model, on the 100 held-out questions,
+    answering the teacher prompt its run never trained with (sdpg.py's prompt for the plain-prompt variant, the
+    plain prompt for the others), and its greedy answer to the first held-out question in all three prompts."""
+    import sdpg
+    _, held_out = sdpg.load_examples(os.path.join(ROOT, "runs/smollm2/multiply.jsonl"), 100, 0)
+    found = {"question": held_out[0]["question"], "runs": {}}
+    for variant in ("beta1-nogate", "beta1-nogate-lr1e-6", "beta1-nogate-plain"):
+        for seed in seeds:
+            path = os.path.join(ROOT, out, variant, f"seed{seed}", "final")
+            if not os.path.isdir(path):
+                continue
+            model, tokenizer = sdpg.load_model(path, 0)
+            untrained = "teacher, sdpg.py's prompt" if variant == "beta1-nogate-plain" else "teacher, plain prompt"
+            answers = {}
+            for view, template in prompts().items():
+                text = sdpg.fill_template(template, {"instruction": INSTRUCTION, **held_out[0]})
+                _, _, ids, mask, _ = sdpg.answer_and_grade(model, tokenizer, sdpg.stop_token_ids(model, tokenizer),
+                                                           [text], [held_out[0]["answer"]], 24, 0.0)
+                answers[view] = tokenizer.decode(ids[0][mask[0].bool()], skip_special_tokens=True)
+            found["runs"][f"{variant}-seed{seed}"] = {"prompt": untrained, "answers": answers,
+                                                      "accuracy": view_accuracy(model, tokenizer, held_out,
+                                                                                prompts()[untrained])}
+            print(variant, seed, found["runs"][f"{variant}-seed{seed}"], flush=True)
+    return found
+
+
+def after_table(found: dict) -> str:
+    """after_rl's result as markdown: one row per run, its answers on one line each ('|' and newlines escaped)."""
+    return ("each policy-teacher run's final model: greedy accuracy on the 100 held-out questions with the teacher "
+            "prompt its run never trained with (with its own prompt: the run's step-60 evaluation in summary.md), "
+            f"and its greedy answers (24 new tokens) to \"{found['question']}\"\n\n| run | untrained teacher prompt "
+            "| accuracy | answer, student's prompt | answer, sdpg.py's teacher prompt | answer, plain prompt |\n"
+            "|---|---|---|---|---|---|\n" + "".join(
+                f"| {run} | {r['prompt'].removeprefix('teacher, ')} | {r['accuracy']:.2f} | " + " | ".join(
+                    json.dumps(a)[1:-1].replace("|", "\\|") for a in r["answers"].values()) + " |\n"
+                for run, r in found["runs"].items()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,10 +279,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--commit", action="store_true", help="git-commit each finished run's record as it lands")
     p.add_argument("--summary-only", action="store_true", help="only write the summary from the records there")
     p.add_argument("--before", action="store_true", help="only measure both tasks before any RL: RESULTS/before_rl.*")
+    p.add_argument("--after", action="store_true", help="only measure the policy-teacher runs' final models with the "
+                   "teacher prompt they never trained with: RESULTS/after_rl.*")
     args = p.parse_args(argv)
     for need in ("runs/smollm2/model", "runs/smollm2/multiply.jsonl"):
         if not args.summary_only and not os.path.exists(os.path.join(ROOT, need)):
             raise SystemExit(f"error: no {need}: run python benchmarks/prepare_smollm2.py --out runs/smollm2 first")
+    sys.path.insert(0, ROOT)
+    if args.after:
+        threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
+        found = after_rl(args.out, args.seeds)
+        os.makedirs(args.results, exist_ok=True)
+        with open(os.path.join(args.results, "after_rl.json"), "w") as f:
+            json.dump(found, f, indent=1)
+        with open(os.path.join(args.results, "after_rl.md"), "w") as f:
+            f.write(f"`python benchmarks/smollm2_teacher_study.py --after` ({threads} thread(s)): " + after_table(found))
+        return
     if args.before:
         threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
         accuracy = before_rl()

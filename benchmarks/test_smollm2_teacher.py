@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
@@ -125,3 +126,32 @@ def test_a_run_stopped_by_a_signal_leaves_no_record_and_a_finished_one_does(tmp_
     (out / "final").mkdir()
     assert study.run(cmd, str(record), None) == rows
     assert json.loads(record.read_text()) == {"command": cmd, "rows": rows} and not (out / "checkpoint-10").exists()
+
+
+def test_view_accuracy_asks_the_given_prompt_in_batches_of_16_and_averages_the_verdicts(monkeypatch):
+    model, tokenizer = sdpg.load_model("tiny", 0)
+    examples = sdpg.load_examples("toy", 0, 0)[0][:20]
+    asked = []
+
+    def answer_and_grade(model, tokenizer, stop, texts, golds, max_new_tokens, temperature):  # right if it was told
+        asked.append((list(texts), max_new_tokens, temperature))
+        right = [float(f"is {gold}." in text) for text, gold in zip(texts, golds)]
+        return None, None, None, None, torch.tensor(right)
+
+    monkeypatch.setattr(sdpg, "answer_and_grade", answer_and_grade)
+    template = "{question}\n{instruction}\nThe answer is {answer}."
+    assert study.view_accuracy(model, tokenizer, examples, template, 7) == 1.0
+    assert [len(texts) for texts, _, _ in asked] == [16, 4] and {(n, t) for _, n, t in asked} == {(7, 0.0)}
+    assert sum((texts for texts, _, _ in asked), []) == [
+        f"{ex['question']}\n{study.INSTRUCTION}\nThe answer is {ex['answer']}." for ex in examples]
+    assert study.view_accuracy(model, tokenizer, examples, "{question}", 7) == 0.0
+
+
+def test_the_after_table_writes_one_row_a_run_with_its_answers_on_one_line():
+    found = {"question": "What is 33 times 79?", "runs": {"beta1-nogate-seed1": {
+        "prompt": "teacher, plain prompt", "accuracy": 0.874, "answers": {
+            "student": "1 | 2", "teacher, sdpg.py's prompt": "Final answer: 2607\nFinal", "teacher, plain prompt": "x"}}}}
+    lines = study.after_table(found).splitlines()
+    assert '"What is 33 times 79?"' in lines[0]
+    assert lines[-1] == r"| beta1-nogate-seed1 | plain prompt | 0.87 | 1 \| 2 | Final answer: 2607\nFinal | x |"
+    assert lines[-1].count(" | ") == lines[-3].count(" | ")  # as many cells as the header
