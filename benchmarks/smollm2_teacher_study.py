@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(os.path.join(args.results, "after_rl.json"), "w") as f:
             json.dump(found, f, indent=1)
         with open(os.path.join(args.results, "after_rl.md"), "w") as f:
-            f.write(f"`python benchmarks/smollm2_teacher_study.py --after` ({threads} thread(s)): " + after_table(found))
+            f.write(f"`python benchmarks/smollm2_teacher_study.py --after` ({threads} thread(s)): {after_table(found)}")
         return
     if args.before:
         threads = os.environ.setdefault("OMP_NUM_THREADS", "1")

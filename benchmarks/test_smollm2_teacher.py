@@ -150,7 +150,8 @@ def test_view_accuracy_asks_the_given_prompt_in_batches_of_16_and_averages_the_v
 def test_the_after_table_writes_one_row_a_run_with_its_answers_on_one_line():
     found = {"question": "What is 33 times 79?", "runs": {"beta1-nogate-seed1": {
         "prompt": "teacher, plain prompt", "accuracy": 0.874, "answers": {
-            "student": "1 | 2", "teacher, sdpg.py's prompt": "Final answer: 2607\nFinal", "teacher, plain prompt": "x"}}}}
+            "student": "1 | 2", "teacher, sdpg.py's prompt": "Final answer: 2607\nFinal",
+            "teacher, plain prompt": "x"}}}}
     lines = study.after_table(found).splitlines()
     assert '"What is 33 times 79?"' in lines[0]
     assert lines[-1] == r"| beta1-nogate-seed1 | plain prompt | 0.87 | 1 \| 2 | Final answer: 2607\nFinal | x |"
