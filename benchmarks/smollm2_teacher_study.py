@@ -11,7 +11,7 @@ model, questions and order:
     python benchmarks/smollm2_teacher_study.py                        # 6 variants x 3 seeds, hours on 2 cores
     python benchmarks/smollm2_teacher_study.py --seeds 0 --variants beta1-nogate --steps 10   # a look
     python benchmarks/smollm2_teacher_study.py --before           # both tasks before any RL, 20 min
-    python benchmarks/smollm2_teacher_study.py --after            # do the collapsed teachers still read? 10 min
+    python benchmarks/smollm2_teacher_study.py --after            # do the collapsed teachers still read? 8 min
 
 It continues where it stopped: a run interrupted mid-way continues from its last checkpoint (sdpg.py does that
 when the same command runs again), and a finished run is never run again: its metrics are kept in
