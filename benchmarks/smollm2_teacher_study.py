@@ -13,13 +13,15 @@ model, questions and order:
     python benchmarks/smollm2_teacher_study.py --before           # both tasks before any RL, 20 min
     python benchmarks/smollm2_teacher_study.py --after            # do the collapsed teachers still read? 8 min
 
-It continues where it stopped: a run interrupted mid-way continues from its last checkpoint (sdpg.py does that
-when the same command runs again), and a finished run is never run again: its metrics are kept in
+Ctrl-C (or SIGTERM to its runs) stops it: each run finishes its step and saves a checkpoint, and no new run
+starts. It continues where it stopped: a run interrupted mid-way continues from its last checkpoint (sdpg.py does
+that when the same command runs again), and a finished run is never run again: its metrics are kept in
 RESULTS/runs/VARIANT-seedS.json (with --commit, committed to git as soon as it finishes, so that they survive a
 move to a fresh machine). Writes RESULTS/summary.json, summary.md and curves.png from every finished run.
 """
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -106,6 +108,26 @@ def run(cmd: list[str], record: str, commit: "threading.Lock | None") -> list[di
             else:
                 print(f"warning: could not commit {record}; commit it by hand", flush=True)
     return rows
+
+
+def run_all(tasks: dict, jobs: int) -> dict:
+    """Each task's result, `jobs` tasks at a time (a thread only waits on its process). Once one fails (a run that
+    crashed, or one stopped by a signal), no task starts any more: the ones running finish, the rest wait for the
+    next sitting; the first failure is raised."""
+    stopped = threading.Event()
+
+    def guarded(task):
+        if stopped.is_set():
+            raise SystemExit("not started: another run stopped first")
+        try:
+            return task()
+        except BaseException:
+            stopped.set()
+            raise
+
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {key: pool.submit(guarded, task) for key, task in tasks.items()}
+    return {key: future.result() for key, future in futures.items()}  # tasks start in order: a failure comes first
 
 
 def evaluations(rows: list[dict]) -> list[dict]:
@@ -322,10 +344,9 @@ def main(argv: list[str] | None = None) -> None:
                     results[name].append({"seed": seed, **run_summary(json.load(f)["rows"])})
     else:
         lock = threading.Lock() if args.commit else None
-        with ThreadPoolExecutor(args.jobs) as pool:  # a thread only waits on its process
-            futures = {job: pool.submit(run, command(*job, args.steps, args.out), records[job], lock) for job in jobs}
-            for (name, seed), future in futures.items():
-                results[name].append({"seed": seed, **run_summary(future.result())})
+        tasks = {job: functools.partial(run, command(*job, args.steps, args.out), records[job], lock) for job in jobs}
+        for (name, seed), rows in run_all(tasks, args.jobs).items():
+            results[name].append({"seed": seed, **run_summary(rows)})
     text = table(results) + "\nEvery evaluation, greedy accuracy on the 100 held-out questions:\n\n" + by_step(results)
     print(text)
     os.makedirs(args.results, exist_ok=True)

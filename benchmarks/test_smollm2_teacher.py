@@ -6,6 +6,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -126,6 +128,28 @@ def test_a_run_stopped_by_a_signal_leaves_no_record_and_a_finished_one_does(tmp_
     (out / "final").mkdir()
     assert study.run(cmd, str(record), None) == rows
     assert json.loads(record.read_text()) == {"command": cmd, "rows": rows} and not (out / "checkpoint-10").exists()
+
+
+def test_once_a_run_stops_no_other_run_starts_and_the_stop_is_what_is_raised():
+    started, b_running = [], threading.Event()
+
+    def task(name):
+        def go():
+            started.append(name)
+            b_running.set()
+            time.sleep(0.3)  # still running when the other one stops
+            return name
+        return go
+
+    def stops():
+        b_running.wait(5)
+        started.append("a")
+        raise SystemExit("stopped before the end: a")
+
+    with pytest.raises(SystemExit, match="stopped before the end: a"):
+        study.run_all({"a": stops, "b": task("b"), "c": task("c"), "d": task("d")}, jobs=2)
+    assert sorted(started) == ["a", "b"]  # b ran to its end; c and d wait for the next sitting
+    assert study.run_all({k: task(k) for k in "xyz"}, jobs=2) == {"x": "x", "y": "y", "z": "z"}
 
 
 def test_view_accuracy_asks_the_given_prompt_in_batches_of_16_and_averages_the_verdicts(monkeypatch):
