@@ -12,6 +12,7 @@ model, questions and order:
     python benchmarks/smollm2_teacher_study.py --seeds 0 --variants beta1-nogate --steps 10   # a look
     python benchmarks/smollm2_teacher_study.py --before           # both tasks before any RL, 20 min
     python benchmarks/smollm2_teacher_study.py --after            # do the collapsed teachers still read? 8 min
+    python benchmarks/smollm2_teacher_study.py --stated           # right answers that write the number itself
 
 Ctrl-C (or SIGTERM to its runs) stops it: each run finishes its step and saves a checkpoint, and no new run
 starts. It continues where it stopped: a run interrupted mid-way continues from its last checkpoint (sdpg.py does
@@ -24,6 +25,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -289,6 +291,81 @@ def after_table(found: dict) -> str:
                 for run, r in found["runs"].items()))
 
 
+def states_the_number(text: str, gold: str) -> bool:
+    """Whether the gold number is written in the text ('2,607' counts as 2607): the verifier also accepts "The
+    answer is 33 * 79." (it evaluates the expression), an answer that restates the question without multiplying."""
+    return gold.replace(",", "") in (n.replace(",", "") for n in re.findall(r"\d[\d,]*(?:\.\d+)?", text))
+
+
+def graded_answers(model, tokenizer, held_out: list[dict], template: str) -> list[dict]:
+    """Greedy answers (24 new tokens, batches of 16 as in the runs' evaluations) to each held-out question with
+    `template` as the prompt: the text, the verifier's verdict, and whether it states the number."""
+    import sdpg
+    graded, stop_ids = [], sdpg.stop_token_ids(model, tokenizer)
+    for i in range(0, len(held_out), 16):
+        rows = held_out[i:i + 16]
+        texts = [sdpg.fill_template(template, {"instruction": INSTRUCTION, **ex}) for ex in rows]
+        _, _, ids, mask, correct = sdpg.answer_and_grade(model, tokenizer, stop_ids, texts,
+                                                         [ex["answer"] for ex in rows], 24, 0.0)
+        for ex, said, ok in zip(rows, sdpg.decode_responses(tokenizer, ids, mask), correct.tolist()):
+            graded.append({"answer": said, "right": bool(ok), "stated": bool(ok) and states_the_number(said,
+                                                                                                     ex["answer"])})
+    return graded
+
+
+def stated(out: str, results: str, seeds: list[int], load=None) -> dict:
+    """Every finished run's final model (and the untrained one) re-graded on the 100 held-out questions: right by
+    the verifier, and right with the number written; in the student's prompt, and for the runs whose teacher is the
+    policy, in their teacher prompt. `logged` is the run's own step-60 evaluation, which `right` must equal."""
+    import sdpg
+    load = load or (lambda path: sdpg.load_model(path, 0))
+    _, held_out = sdpg.load_examples(os.path.join(ROOT, "runs/smollm2/multiply.jsonl"), 100, 0)
+    models = {"untrained": (os.path.join(ROOT, "runs/smollm2/model"), None)}
+    for variant in VARIANTS:
+        for seed in seeds:
+            record = os.path.join(results, "runs", f"{variant}-seed{seed}.json")
+            if os.path.isfile(record) and os.path.isdir(os.path.join(ROOT, out, variant, f"seed{seed}", "final")):
+                models[f"{variant}-seed{seed}"] = (os.path.join(ROOT, out, variant, f"seed{seed}", "final"), record)
+    found = {}
+    for name, (path, record) in models.items():
+        model, tokenizer = load(path)
+        views = {"student": sdpg.STUDENT_TEMPLATE}
+        variant = name.rsplit("-seed", 1)[0]
+        if variant not in ("beta0", "beta1-nogate-reference"):  # the untrained model and the policy teachers
+            views["teacher"] = PLAIN_TEMPLATE if variant == "beta1-nogate-plain" else sdpg.TEACHER_TEMPLATE
+        found[name], logged = {}, {}
+        if record:
+            with open(record) as f:
+                logged = evaluations(json.load(f)["rows"])[-1]
+        for view, template in views.items():
+            graded = graded_answers(model, tokenizer, held_out, template)
+            unstated = [g["answer"] for g in graded if g["right"] and not g["stated"]]
+            found[name][view] = {"right": sum(g["right"] for g in graded) / len(graded),
+                                 "stated": sum(g["stated"] for g in graded) / len(graded),
+                                 "logged": logged.get(view),
+                                 "unstated_example": unstated[0] if unstated else None}
+        print(name, found[name], flush=True)
+    return found
+
+
+def stated_table(found: dict) -> str:
+    """stated()'s result as markdown: one row per model, right / right with the number, per view."""
+    def cell(v):
+        return "-" if v is None else f"{v['right']:.2f} / {v['stated']:.2f}" + (
+            "" if v["logged"] is None or abs(v["logged"] - v["right"]) < 1e-9 else f" (logged {v['logged']:.2f})")
+
+    def example(run):
+        said = next((v["unstated_example"] for v in run.values() if v["unstated_example"]), None)
+        return "" if said is None else json.dumps(said)[1:-1].replace("|", "\\|")
+
+    return ("each final model's greedy answers (24 new tokens) to the 100 held-out questions, graded: right by the "
+            "verifier / right with the number written (the verifier also accepts \"The answer is 33 * 79.\"); the "
+            "teacher view only where the run's teacher is its policy (in the prompt it trained with)\n\n"
+            "| model | student's prompt | teacher's prompt | a right answer without the number |\n|---|---|---|---|\n"
+            + "".join(f"| {name} | {cell(run['student'])} | {cell(run.get('teacher'))} | {example(run)} |\n"
+                      for name, run in found.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/smollm2-teacher", help="folder of the runs (relative to the repository)")
@@ -303,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--before", action="store_true", help="only measure both tasks before any RL: RESULTS/before_rl.*")
     p.add_argument("--after", action="store_true", help="only measure the policy-teacher runs' final models with the "
                    "teacher prompt they never trained with: RESULTS/after_rl.*")
+    p.add_argument("--stated", action="store_true", help="only re-grade every finished run's final model: how many "
+                   "right answers write the number itself: RESULTS/stated.*")
     args = p.parse_args(argv)
     for need in ("runs/smollm2/model", "runs/smollm2/multiply.jsonl"):
         if not args.summary_only and not os.path.exists(os.path.join(ROOT, need)):
@@ -316,6 +395,15 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(found, f, indent=1)
         with open(os.path.join(args.results, "after_rl.md"), "w") as f:
             f.write(f"`python benchmarks/smollm2_teacher_study.py --after` ({threads} thread(s)): {after_table(found)}")
+        return
+    if args.stated:
+        threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
+        found = stated(args.out, args.results, args.seeds)
+        with open(os.path.join(args.results, "stated.json"), "w") as f:
+            json.dump(found, f, indent=1)
+        with open(os.path.join(args.results, "stated.md"), "w") as f:
+            f.write(f"`python benchmarks/smollm2_teacher_study.py --stated` ({threads} thread(s)): "
+                    + stated_table(found))
         return
     if args.before:
         threads = os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -180,3 +180,69 @@ def test_the_after_table_writes_one_row_a_run_with_its_answers_on_one_line():
     assert '"What is 33 times 79?"' in lines[0]
     assert lines[-1] == r"| beta1-nogate-seed1 | plain prompt | 0.87 | 1 \| 2 | Final answer: 2607\nFinal | x |"
     assert lines[-1].count(" | ") == lines[-3].count(" | ")  # as many cells as the header
+
+
+@pytest.mark.parametrize("said, gold, stated", [
+    ("The answer is 33 * 79.", "2607", False),  # right by the verifier, no multiplication done
+    ("33 * 79 = 2,607.", "2607", True), ("The answer is 2607.", "2607", True),
+    ("The answer is 26070.", "2607", False), ("2607.5", "2607", False), ("4.625", "4.625", True)])
+def test_states_the_number_wants_the_gold_number_itself(said, gold, stated):
+    assert study.states_the_number(said, gold) is stated
+
+
+def test_stated_counts_right_and_stated_answers_per_run_and_view(tmp_path, monkeypatch):
+    examples = [{"question": f"What is {i} times 2?", "answer": str(2 * i), "solution": f"{i} * 2 = {2 * i}."}
+                for i in range(120)]
+    (tmp_path / "runs/smollm2").mkdir(parents=True)
+    (tmp_path / "runs/smollm2/multiply.jsonl").write_text("".join(json.dumps(ex) + "\n" for ex in examples))
+    results = tmp_path / "results"
+    for variant in ("beta0", "beta1-nogate", "beta1-nogate-plain"):
+        (tmp_path / "out" / variant / "seed0" / "final").mkdir(parents=True)
+        (results / "runs").mkdir(parents=True, exist_ok=True)
+        rows = _rows([(0, 0.0, 0.5), (60, 0.3, 0.1)], kl=0.1, steps=60)
+        (results / "runs" / f"{variant}-seed0.json").write_text(json.dumps({"command": [], "rows": rows}))
+    (tmp_path / "out/beta1-nogate-reference/seed1/final").mkdir(parents=True)  # no record: not finished
+    monkeypatch.setattr(study, "ROOT", str(tmp_path))
+    asked = []
+
+    def answers(model, tokenizer, held_out, template):  # 100 questions: 30 right, 10 of them without the number
+        asked.append((model, template))
+        assert held_out == examples[20:]  # the held-out 100, as in the runs
+        return [{"answer": f"a{i}", "right": i < 30, "stated": i < 20} for i in range(100)]
+
+    monkeypatch.setattr(study, "graded_answers", answers)
+    found = study.stated("out", str(results), [0, 1], load=lambda path: (os.path.relpath(path, tmp_path), None))
+    assert list(found) == ["untrained", "beta0-seed0", "beta1-nogate-seed0", "beta1-nogate-plain-seed0"]
+    assert asked == [("runs/smollm2/model", sdpg.STUDENT_TEMPLATE), ("runs/smollm2/model", sdpg.TEACHER_TEMPLATE),
+                     ("out/beta0/seed0/final", sdpg.STUDENT_TEMPLATE),  # no teacher of its own
+                     ("out/beta1-nogate/seed0/final", sdpg.STUDENT_TEMPLATE),
+                     ("out/beta1-nogate/seed0/final", sdpg.TEACHER_TEMPLATE),
+                     ("out/beta1-nogate-plain/seed0/final", sdpg.STUDENT_TEMPLATE),
+                     ("out/beta1-nogate-plain/seed0/final", study.PLAIN_TEMPLATE)]  # the prompt it trained with
+    view = found["beta1-nogate-seed0"]["teacher"]
+    assert (view["right"], view["stated"], view["logged"], view["unstated_example"]) == (0.3, 0.2, 0.1, "a20")
+    assert found["untrained"]["student"]["logged"] is None and found["beta0-seed0"]["student"]["logged"] == 0.3
+    lines = study.stated_table(found).splitlines()
+    assert lines[-2] == "| beta1-nogate-seed0 | 0.30 / 0.20 | 0.30 / 0.20 (logged 0.10) | a20 |"  # logged differs
+    assert lines[-3] == "| beta0-seed0 | 0.30 / 0.20 | - | a20 |"
+
+
+def test_graded_answers_asks_in_batches_of_16_and_grades_each_answer(monkeypatch):
+    examples = [{"question": f"What is {i} times 3?", "answer": str(3 * i), "solution": ""} for i in range(10, 30)]
+    said = {ex["question"]: s for ex, s in zip(examples, ["The answer is 10 * 3.", "33", "It is 36.", "39, or 40."]
+                                                    + ["no"] * 16)}  # the 4th is wrong, though it writes 39
+    asked = []
+
+    def answer_and_grade(model, tokenizer, stop, texts, golds, max_new_tokens, temperature):
+        asked.append((len(texts), max_new_tokens, temperature))
+        return None, None, list(texts), None, torch.tensor([float(i < 3) for i in range(len(texts))])
+
+    monkeypatch.setattr(sdpg, "answer_and_grade", answer_and_grade)
+    monkeypatch.setattr(sdpg, "stop_token_ids", lambda model, tokenizer: [])
+    monkeypatch.setattr(sdpg, "decode_responses", lambda tok, texts, mask: [said[t.split("\n")[0]] for t in texts])
+    graded = study.graded_answers(None, None, examples, "{question}\n{instruction}")
+    assert asked == [(16, 24, 0.0), (4, 24, 0.0)]
+    assert [(g["right"], g["stated"]) for g in graded[:4]] == [(True, False), (True, True), (True, True), (False,
+                                                                                                         False)]
+    assert [g["answer"] for g in graded[:3]] == ["The answer is 10 * 3.", "33", "It is 36."]
+    assert [(g["right"], g["stated"]) for g in graded[16:19]] == [(True, False)] * 3  # right, but "no" number
