@@ -316,7 +316,8 @@ def graded_answers(model, tokenizer, held_out: list[dict], template: str) -> lis
 def stated(out: str, results: str, seeds: list[int], load=None) -> dict:
     """Every finished run's final model (and the untrained one) re-graded on the 100 held-out questions: right by
     the verifier, and right with the number written; in the student's prompt, and for the runs whose teacher is the
-    policy, in their teacher prompt. `logged` is the run's own step-60 evaluation, which `right` must equal."""
+    policy, in their teacher prompt. `logged` is the run's own step-60 evaluation, which `right` must equal.
+    Written to RESULTS/stated.json after each model; a model already there is not graded again."""
     import sdpg
     load = load or (lambda path: sdpg.load_model(path, 0))
     _, held_out = sdpg.load_examples(os.path.join(ROOT, "runs/smollm2/multiply.jsonl"), 100, 0)
@@ -326,8 +327,13 @@ def stated(out: str, results: str, seeds: list[int], load=None) -> dict:
             record = os.path.join(results, "runs", f"{variant}-seed{seed}.json")
             if os.path.isfile(record) and os.path.isdir(os.path.join(ROOT, out, variant, f"seed{seed}", "final")):
                 models[f"{variant}-seed{seed}"] = (os.path.join(ROOT, out, variant, f"seed{seed}", "final"), record)
-    found = {}
+    saved, found = os.path.join(results, "stated.json"), {}
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            found = json.load(f)
     for name, (path, record) in models.items():
+        if name in found:
+            continue
         model, tokenizer = load(path)
         views = {"student": sdpg.STUDENT_TEMPLATE}
         variant = name.rsplit("-seed", 1)[0]
@@ -345,7 +351,10 @@ def stated(out: str, results: str, seeds: list[int], load=None) -> dict:
                                  "logged": logged.get(view),
                                  "unstated_example": unstated[0] if unstated else None}
         print(name, found[name], flush=True)
-    return found
+        with open(saved + ".tmp", "w") as f:
+            json.dump(found, f, indent=1)
+        os.replace(saved + ".tmp", saved)
+    return {name: found[name] for name in models}  # in the order of VARIANTS
 
 
 def stated_table(found: dict) -> str:
@@ -399,8 +408,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.stated:
         threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
         found = stated(args.out, args.results, args.seeds)
-        with open(os.path.join(args.results, "stated.json"), "w") as f:
-            json.dump(found, f, indent=1)
         with open(os.path.join(args.results, "stated.md"), "w") as f:
             f.write(f"`python benchmarks/smollm2_teacher_study.py --stated` ({threads} thread(s)): "
                     + stated_table(found))

@@ -225,6 +225,13 @@ def test_stated_counts_right_and_stated_answers_per_run_and_view(tmp_path, monke
     lines = study.stated_table(found).splitlines()
     assert lines[-2] == "| beta1-nogate-seed0 | 0.30 / 0.20 | 0.30 / 0.20 (logged 0.10) | a20 |"  # logged differs
     assert lines[-3] == "| beta0-seed0 | 0.30 / 0.20 | - | a20 |"
+    # a second sitting grades only what is new, and keeps the order of VARIANTS
+    (results / "runs" / "beta1-nogate-reference-seed1.json").write_text(json.dumps({"command": [], "rows": rows}))
+    asked.clear()
+    again = study.stated("out", str(results), [0, 1], load=lambda path: (os.path.relpath(path, tmp_path), None))
+    assert asked == [("out/beta1-nogate-reference/seed1/final", sdpg.STUDENT_TEMPLATE)]  # the teacher is frozen
+    assert list(again) == [*list(found)[:3], "beta1-nogate-reference-seed1", "beta1-nogate-plain-seed0"]
+    assert {k: again[k] for k in found} == found
 
 
 def test_graded_answers_asks_in_batches_of_16_and_grades_each_answer(monkeypatch):
