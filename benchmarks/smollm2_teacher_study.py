@@ -34,7 +34,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -222,13 +221,9 @@ def plot(results: dict[str, list[dict]], path: str) -> bool:
 
 
 def view_accuracy(model, tokenizer, held_out: list[dict], template: str, max_new_tokens: int = 24) -> float:
-    """Greedy accuracy on held_out with `template` as the prompt (its slots filled from each question): by
-    sdpg.evaluate itself, in batches of 16 as in the runs, so that it equals their evaluations on the same prompt."""
-    import sdpg
-    args = argparse.Namespace(instruction=INSTRUCTION, batch_prompts=2, group_size=8, max_new_tokens=max_new_tokens)
-    with mock.patch.object(sdpg, "templates_for", lambda tok: (template, template)):  # where evaluate's prompts are
-        right = sdpg.evaluate(model, tokenizer, sdpg.stop_token_ids(model, tokenizer), held_out, args)
-    return sum(right) / len(right)
+    """Greedy accuracy on held_out with `template` as the prompt (its slots filled from each question)."""
+    graded = graded_answers(model, tokenizer, held_out, template, max_new_tokens)
+    return sum(g["right"] for g in graded) / len(graded)
 
 
 def prompts() -> dict[str, str]:
@@ -279,6 +274,11 @@ def after_rl(out: str, seeds: list[int]) -> dict:
     return found
 
 
+def one_line(text: str) -> str:
+    """text as one markdown table cell: newlines and quotes escaped as in JSON, '|' escaped."""
+    return json.dumps(text)[1:-1].replace("|", "\\|")
+
+
 def after_table(found: dict) -> str:
     """after_rl's result as markdown: one row per run, its answers on one line each ('|' and newlines escaped)."""
     return ("each policy-teacher run's final model: greedy accuracy on the 100 held-out questions with the teacher "
@@ -287,7 +287,7 @@ def after_table(found: dict) -> str:
             "| accuracy | answer, student's prompt | answer, sdpg.py's teacher prompt | answer, plain prompt |\n"
             "|---|---|---|---|---|---|\n" + "".join(
                 f"| {run} | {r['prompt'].removeprefix('teacher, ')} | {r['accuracy']:.2f} | " + " | ".join(
-                    json.dumps(a)[1:-1].replace("|", "\\|") for a in r["answers"].values()) + " |\n"
+                    one_line(a) for a in r["answers"].values()) + " |\n"
                 for run, r in found["runs"].items()))
 
 
@@ -297,16 +297,17 @@ def states_the_number(text: str, gold: str) -> bool:
     return gold.replace(",", "") in (n.replace(",", "") for n in re.findall(r"\d[\d,]*(?:\.\d+)?", text))
 
 
-def graded_answers(model, tokenizer, held_out: list[dict], template: str) -> list[dict]:
-    """Greedy answers (24 new tokens, batches of 16 as in the runs' evaluations) to each held-out question with
-    `template` as the prompt: the text, the verifier's verdict, and whether it states the number."""
+def graded_answers(model, tokenizer, held_out: list[dict], template: str, max_new_tokens: int = 24) -> list[dict]:
+    """Greedy answers to each held-out question with `template` as the prompt: the text, the verifier's verdict,
+    and whether it states the number. The same calls as sdpg.evaluate's (batches of 16, as the runs' 2 x 8), so
+    the verdicts equal the runs' evaluations on the same prompt (--stated gave back all 18 step-60 evaluations)."""
     import sdpg
     graded, stop_ids = [], sdpg.stop_token_ids(model, tokenizer)
     for i in range(0, len(held_out), 16):
         rows = held_out[i:i + 16]
         texts = [sdpg.fill_template(template, {"instruction": INSTRUCTION, **ex}) for ex in rows]
         _, _, ids, mask, correct = sdpg.answer_and_grade(model, tokenizer, stop_ids, texts,
-                                                         [ex["answer"] for ex in rows], 24, 0.0)
+                                                         [ex["answer"] for ex in rows], max_new_tokens, 0.0)
         for ex, said, ok in zip(rows, sdpg.decode_responses(tokenizer, ids, mask), correct.tolist()):
             graded.append({"answer": said, "right": bool(ok), "stated": bool(ok) and states_the_number(said,
                                                                                                      ex["answer"])})
@@ -365,7 +366,7 @@ def stated_table(found: dict) -> str:
 
     def example(run):
         said = next((v["unstated_example"] for v in run.values() if v["unstated_example"]), None)
-        return "" if said is None else json.dumps(said)[1:-1].replace("|", "\\|")
+        return "" if said is None else one_line(said)
 
     return ("each final model's greedy answers (24 new tokens) to the 100 held-out questions, graded: right by the "
             "verifier / right with the number written (the verifier also accepts \"The answer is 33 * 79.\"); the "

@@ -160,9 +160,10 @@ def test_view_accuracy_asks_the_given_prompt_in_batches_of_16_and_averages_the_v
     def answer_and_grade(model, tokenizer, stop, texts, golds, max_new_tokens, temperature):  # right if it was told
         asked.append((list(texts), max_new_tokens, temperature))
         right = [float(f"is {gold}." in text) for text, gold in zip(texts, golds)]
-        return None, None, None, None, torch.tensor(right)
+        return None, None, list(texts), None, torch.tensor(right)  # the prompts stand in for the answers
 
     monkeypatch.setattr(sdpg, "answer_and_grade", answer_and_grade)
+    monkeypatch.setattr(sdpg, "decode_responses", lambda tok, texts, mask: texts)
     template = "{question}\n{instruction}\nThe answer is {answer}."
     assert study.view_accuracy(model, tokenizer, examples, template, 7) == 1.0
     assert [len(texts) for texts, _, _ in asked] == [16, 4] and {(n, t) for _, n, t in asked} == {(7, 0.0)}
