@@ -317,7 +317,8 @@ def graded_answers(model, tokenizer, held_out: list[dict], template: str, max_ne
 def stated(out: str, results: str, seeds: list[int], load=None) -> dict:
     """Every finished run's final model (and the untrained one) re-graded on the 100 held-out questions: right by
     the verifier, and right with the number written; in the student's prompt, and for the runs whose teacher is the
-    policy, in their teacher prompt. `logged` is the run's own step-60 evaluation, which `right` must equal.
+    policy, in their teacher prompt; with the first right answer that does not write the number and the first wrong
+    one. `logged` is the run's own step-60 evaluation, which `right` must equal.
     Written to RESULTS/stated.json after each model; a model already there is not graded again."""
     import sdpg
     load = load or (lambda path: sdpg.load_model(path, 0))
@@ -347,10 +348,11 @@ def stated(out: str, results: str, seeds: list[int], load=None) -> dict:
         for view, template in views.items():
             graded = graded_answers(model, tokenizer, held_out, template)
             unstated = [g["answer"] for g in graded if g["right"] and not g["stated"]]
+            wrong = [g["answer"] for g in graded if not g["right"]]
             found[name][view] = {"right": sum(g["right"] for g in graded) / len(graded),
                                  "stated": sum(g["stated"] for g in graded) / len(graded),
-                                 "logged": logged.get(view),
-                                 "unstated_example": unstated[0] if unstated else None}
+                                 "logged": logged.get(view), "unstated_example": unstated[0] if unstated else None,
+                                 "wrong_example": wrong[0] if wrong else None}
         print(name, found[name], flush=True)
         with open(saved + ".tmp", "w") as f:
             json.dump(found, f, indent=1)
@@ -364,16 +366,18 @@ def stated_table(found: dict) -> str:
         return "-" if v is None else f"{v['right']:.2f} / {v['stated']:.2f}" + (
             "" if v["logged"] is None or abs(v["logged"] - v["right"]) < 1e-9 else f" (logged {v['logged']:.2f})")
 
-    def example(run):
-        said = next((v["unstated_example"] for v in run.values() if v["unstated_example"]), None)
+    def example(run, key):
+        said = next((v[key] for v in run.values() if v[key]), None)
         return "" if said is None else one_line(said)
 
     return ("each final model's greedy answers (24 new tokens) to the 100 held-out questions, graded: right by the "
             "verifier / right with the number written (the verifier also accepts \"The answer is 33 * 79.\"); the "
             "teacher view only where the run's teacher is its policy (in the prompt it trained with)\n\n"
-            "| model | student's prompt | teacher's prompt | a right answer without the number |\n|---|---|---|---|\n"
-            + "".join(f"| {name} | {cell(run['student'])} | {cell(run.get('teacher'))} | {example(run)} |\n"
-                      for name, run in found.items()))
+            "| model | student's prompt | teacher's prompt | a right answer without the number | a wrong answer |\n"
+            "|---|---|---|---|---|\n" + "".join(
+                f"| {name} | {cell(run['student'])} | {cell(run.get('teacher'))} | "
+                f"{example(run, 'unstated_example')} | {example(run, 'wrong_example')} |\n"
+                for name, run in found.items()))
 
 
 def main(argv: list[str] | None = None) -> None:

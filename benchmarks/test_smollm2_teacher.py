@@ -221,11 +221,12 @@ def test_stated_counts_right_and_stated_answers_per_run_and_view(tmp_path, monke
                      ("out/beta1-nogate-plain/seed0/final", sdpg.STUDENT_TEMPLATE),
                      ("out/beta1-nogate-plain/seed0/final", study.PLAIN_TEMPLATE)]  # the prompt it trained with
     view = found["beta1-nogate-seed0"]["teacher"]
-    assert (view["right"], view["stated"], view["logged"], view["unstated_example"]) == (0.3, 0.2, 0.1, "a20")
+    assert (view["right"], view["stated"], view["logged"], view["unstated_example"], view["wrong_example"]) == (
+        0.3, 0.2, 0.1, "a20", "a30")
     assert found["untrained"]["student"]["logged"] is None and found["beta0-seed0"]["student"]["logged"] == 0.3
     lines = study.stated_table(found).splitlines()
-    assert lines[-2] == "| beta1-nogate-seed0 | 0.30 / 0.20 | 0.30 / 0.20 (logged 0.10) | a20 |"  # logged differs
-    assert lines[-3] == "| beta0-seed0 | 0.30 / 0.20 | - | a20 |"
+    assert lines[-2] == "| beta1-nogate-seed0 | 0.30 / 0.20 | 0.30 / 0.20 (logged 0.10) | a20 | a30 |"  # logged differs
+    assert lines[-3] == "| beta0-seed0 | 0.30 / 0.20 | - | a20 | a30 |"
     # a second sitting grades only what is new, and keeps the order of VARIANTS
     (results / "runs" / "beta1-nogate-reference-seed1.json").write_text(json.dumps({"command": [], "rows": rows}))
     asked.clear()
