@@ -12,7 +12,7 @@ model, questions and order:
     python benchmarks/smollm2_teacher_study.py --seeds 0 --variants beta1-nogate --steps 10   # a look
     python benchmarks/smollm2_teacher_study.py --before           # both tasks before any RL, 20 min
     python benchmarks/smollm2_teacher_study.py --after            # do the collapsed teachers still read? 8 min
-    python benchmarks/smollm2_teacher_study.py --stated           # right answers that write the number? 17 min at OMP_NUM_THREADS=2
+    python benchmarks/smollm2_teacher_study.py --stated           # answers that write the number? 17 min, 2 threads
 
 Ctrl-C (or SIGTERM to its runs) stops it: each run finishes its step and saves a checkpoint, and no new run
 starts. It continues where it stopped: a run interrupted mid-way continues from its last checkpoint (sdpg.py does
